@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up the environment (once) and runs the test suite on CPU.
+#   scripts/test.sh                 the CI suite (everything but tests marked slow)
+#   scripts/test.sh -m slow         the slow multi-rank and training tests
+#   scripts/test.sh tests/test_losses.py -k grad    any pytest arguments
+set -euo pipefail
+source "$(dirname "$0")/_env.sh"
+cd "$MMS_ROOT"
+if [ "$#" -eq 0 ]; then
+  set -- -m "not slow"
+fi
+exec python -m pytest "$@"
