@@ -1,0 +1,190 @@
+"""Run a function on N gloo processes with megatron-core's parallel state initialized.
+
+    results = run_distributed(fn, world_size=4, parallel=ParallelSizes(tp=2, ep=2), args=(cfg,))
+
+``fn`` runs in every rank (a fresh ``spawn``-ed process with the CPU backend enabled, torch.distributed
+initialized with gloo and ``megatron.core.parallel_state`` initialized with the given sizes and seeded)
+and its return value, which must be picklable, comes back in ``results[rank]``. ``fn`` must be a
+module-level function (it is pickled by reference).
+
+It fails loudly, never hangs: if any rank raises, the others are killed and ``RankFailure`` carries the
+failing rank's traceback; if not every rank has answered within ``timeout`` seconds, all are killed and
+``TimeoutError`` names the ranks that were still running.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import queue as queue_module
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    """Megatron's parallel sizes; data parallelism is implied by the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None
+    """Expert tensor parallel size; None = same as tp (Megatron's default)."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per rank (interleaved 1F1B); None = not interleaved."""
+
+    def describe(self) -> str:
+        parts = [f"{k}={v}" for k, v in dataclasses.asdict(self).items() if v not in (None, 1)]
+        return ",".join(parts) or "single"
+
+
+class RankFailure(RuntimeError):
+    """A rank raised; the message carries its traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    parallel: ParallelSizes = ParallelSizes(),
+    args: Sequence[Any] = (),
+    kwargs: Optional[Dict[str, Any]] = None,
+    timeout: float = 300.0,
+    seed: int = 1234,
+) -> List[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return the per-rank results."""
+    ctx = mp.get_context("spawn")
+    results_queue = ctx.Queue()
+    port = free_port()
+    processes = []
+    for rank in range(world_size):
+        p = ctx.Process(
+            target=_rank_main,
+            args=(rank, world_size, port, parallel, seed, fn, tuple(args), dict(kwargs or {}),
+                  results_queue),
+            daemon=True,
+        )
+        p.start()
+        processes.append(p)
+
+    results: Dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(results))
+                raise TimeoutError(
+                    f"run_distributed({fn.__name__}, world_size={world_size}, "
+                    f"{parallel.describe()}): ranks {missing} did not finish within {timeout:.0f}s"
+                )
+            try:
+                rank, ok, payload = results_queue.get(timeout=min(remaining, 1.0))
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(processes) if not p.is_alive() and r not in results]
+                if dead:
+                    # A rank died without reporting (e.g. killed, segfault): give the queue a
+                    # moment to deliver a late report, then fail.
+                    try:
+                        rank, ok, payload = results_queue.get(timeout=2.0)
+                    except queue_module.Empty:
+                        codes = {r: processes[r].exitcode for r in dead}
+                        raise RankFailure(
+                            f"rank(s) {dead} of {fn.__name__} exited without a result "
+                            f"(exit codes {codes})"
+                        ) from None
+                else:
+                    continue
+            if not ok:
+                raise RankFailure(f"rank {rank} of {fn.__name__} ({parallel.describe()}) raised:\n{payload}")
+            results[rank] = pickle.loads(payload)
+    finally:
+        for p in processes:
+            if p.is_alive() and len(results) < world_size:
+                p.kill()
+        for p in processes:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    return [results[r] for r in range(world_size)]
+
+
+def _rank_main(rank, world_size, port, parallel, seed, fn, args, kwargs, results_queue):
+    try:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+        )
+        import warnings
+
+        # megatron-core's import-time notices about missing TE/apex, once per rank, say nothing new.
+        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+        warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+        import torch
+
+        # Several ranks share two cores: one thread each avoids oversubscription.
+        torch.set_num_threads(1)
+        init_megatron(rank, world_size, parallel, seed)
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            teardown_megatron()
+        # Plain pickle (by value): torch's queue would share tensor storage through file
+        # descriptors that vanish when this process exits.
+        results_queue.put((rank, True, pickle.dumps(result)))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results_queue.put((rank, False, traceback.format_exc()))
+
+
+def init_megatron(rank: int, world_size: int, parallel: ParallelSizes, seed: int = 1234) -> None:
+    """Initialize gloo, the CPU backend and megatron-core's parallel state in this process."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_moe_spec import cpu
+
+    cpu.enable()
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=120),
+        )
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def teardown_megatron() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
