@@ -1,0 +1,212 @@
+"""Layer specs with the specialization losses wired in, by ``ModuleSpec`` substitution.
+
+    config = TransformerConfig(...)                 # the user's megatron-core config
+    spec = SpecializationConfig(sp_coeff=2e-3, cp_coeff=1e-3)
+    block_spec = get_moe_block_spec(config, spec)   # or deepseek_moe_block_spec / vanilla_moe_block_spec
+    model = GPTModel(config=config, transformer_layer_spec=block_spec, ...)
+
+megatron-core's own block spec is built first (Transformer Engine modules when TE is installed,
+local modules otherwise) and then three modules are substituted: ``TransformerLayer`` ->
+``SpecializationTransformerLayer``, ``MoELayer`` -> ``SpecializationMoELayer`` and the router ->
+``SpecializationRouter``. With everything off (all coefficients 0, metrics off) megatron's spec is
+returned unchanged: off means stock megatron-core, bit for bit and at no cost.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import List, Optional
+
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_moe_spec.core import aux_losses
+from megatron_moe_spec.core.moe_layer import SpecializationMoELayer
+from megatron_moe_spec.core.router import SpecializationRouter
+from megatron_moe_spec.core.transformer_layer import SpecializationTransformerLayer
+from megatron_moe_spec.specialization_config import SpecializationConfig
+
+logger = logging.getLogger(__name__)
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install
+        return False
+    return True
+
+
+def get_moe_block_spec(config, spec_config: Optional[SpecializationConfig] = None,
+                       use_transformer_engine: Optional[bool] = None,
+                       vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+                       ) -> TransformerBlockSubmodules:
+    """megatron's GPT decoder-block spec for ``config`` with the specialization losses substituted in.
+
+    Works for vanilla top-k MoE and DeepSeekMoE-style models alike: shared experts, fine-grained
+    experts, group-limited routing, sigmoid scores and expert bias are all ``TransformerConfig``
+    options that megatron's own modules implement; the substituted modules only add the losses.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    spec_config = spec_config if spec_config is not None else SpecializationConfig()
+    check_compatibility(config, spec_config)
+    if use_transformer_engine is None:
+        use_transformer_engine = have_transformer_engine()
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
+                                       vp_stage=vp_stage, pp_rank=pp_rank)
+    if not spec_config.enabled:
+        return block
+    layer_specs = [substitute_layer_spec(s, spec_config) for s in block.layer_specs]
+    aux_losses.register_loss_names(enabled_loss_names(spec_config),
+                                   config.num_layers + (config.mtp_num_layers or 0),
+                                   reduce_group=_tp_cp_group_or_none())
+    return dataclasses.replace(block, layer_specs=layer_specs)
+
+
+def vanilla_moe_block_spec(config, spec_config=None, **kwargs) -> TransformerBlockSubmodules:
+    """Block spec for a vanilla top-k MoE (no shared experts)."""
+    if config.moe_shared_expert_intermediate_size is not None:
+        raise ValueError(
+            "vanilla_moe_block_spec: the config has shared experts "
+            "(moe_shared_expert_intermediate_size); use deepseek_moe_block_spec for DeepSeekMoE-style models"
+        )
+    return get_moe_block_spec(config, spec_config, **kwargs)
+
+
+def deepseek_moe_block_spec(config, spec_config=None, **kwargs) -> TransformerBlockSubmodules:
+    """Block spec for a DeepSeekMoE-style model: fine-grained routed experts + shared experts.
+
+    Shared experts are never part of R_sp / L_o (they process every token: only routed experts are
+    captured). Group-limited routing (moe_router_num_groups / moe_router_group_topk), sigmoid scores
+    and expert bias come from the config.
+    """
+    if config.moe_shared_expert_intermediate_size is None:
+        raise ValueError(
+            "deepseek_moe_block_spec: set moe_shared_expert_intermediate_size (the shared experts' "
+            "total FFN size); without shared experts use vanilla_moe_block_spec"
+        )
+    return get_moe_block_spec(config, spec_config, **kwargs)
+
+
+def substitute_layer_spec(layer_spec: ModuleSpec, spec_config: SpecializationConfig) -> ModuleSpec:
+    """One layer spec with our TransformerLayer (always) and MoE layer / router (MoE layers)."""
+    if layer_spec.module is not TransformerLayer:
+        raise TypeError(f"expected a TransformerLayer spec, got {layer_spec.module}")
+    submodules = layer_spec.submodules
+    mlp = submodules.mlp
+    if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
+        moe_submodules: MoESubmodules = mlp.submodules
+        mlp = ModuleSpec(
+            module=SpecializationMoELayer,
+            submodules=dataclasses.replace(moe_submodules, router=SpecializationRouter),
+            params={**(mlp.params or {}), "spec_config": spec_config},
+        )
+        submodules = dataclasses.replace(submodules, mlp=mlp)
+    return dataclasses.replace(layer_spec, module=SpecializationTransformerLayer, submodules=submodules)
+
+
+def enabled_loss_names(spec_config: SpecializationConfig) -> List[str]:
+    pairs = [(aux_losses.SPECIALIZATION_LOSS, spec_config.sp_coeff),
+             (aux_losses.COUPLING_LOSS, spec_config.cp_coeff),
+             (aux_losses.ORTHOGONALITY_LOSS, spec_config.ortho_coeff),
+             (aux_losses.VARIANCE_LOSS, spec_config.var_coeff)]
+    return [name for name, coeff in pairs if coeff > 0]
+
+
+def moe_layer_numbers(config) -> List[int]:
+    """1-based numbers of the MoE layers of the whole model (megatron's moe_layer_freq rule)."""
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        pattern = [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+    else:
+        pattern = list(freq)
+    return [i + 1 for i, is_moe in enumerate(pattern) if is_moe]
+
+
+def check_compatibility(config, spec_config: SpecializationConfig) -> None:
+    """Refuse, with the fix, combinations the losses cannot serve; note the harmless ones once."""
+    if not spec_config.enabled:
+        return
+    if config.num_moe_experts is None:
+        raise ValueError("the specialization losses need an MoE model: set num_moe_experts")
+    needs_z = spec_config.sp_coeff > 0 or spec_config.ortho_coeff > 0 or spec_config.metrics
+    if spec_config.sp_coeff > 0 and not config.gated_linear_unit:
+        raise ValueError(
+            "specialization.sp_coeff > 0 needs a gated (SwiGLU) expert activation: set "
+            "gated_linear_unit=True (--swiglu), or set sp_coeff to 0"
+        )
+    if needs_z and config.moe_token_dispatcher_type == "flex":
+        raise ValueError(
+            "R_sp, L_o and the expert-similarity metric need each token's expert activations side by "
+            "side; the flex dispatcher is not supported: set moe_token_dispatcher_type to alltoall "
+            "or allgather"
+        )
+    if needs_z and config.moe_grouped_gemm and getattr(config, "moe_use_legacy_grouped_gemm", False):
+        raise ValueError(
+            "megatron's legacy GroupedMLP has no linear_fc2 module to capture the SwiGLU "
+            "intermediate from: set moe_use_legacy_grouped_gemm to false (TEGroupedMLP)"
+        )
+    if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
+        raise ValueError(
+            "CUDA graphs replay no Python side effects, so the routing records the losses need "
+            "would go missing: set cuda_graph_impl to none when specialization losses are on"
+        )
+    if spec_config.cp_coeff > 0:
+        moe_layers = moe_layer_numbers(config)
+        if len(moe_layers) < 2:
+            raise ValueError(
+                "specialization.cp_coeff > 0 (R_cp) couples adjacent MoE layers, and this model has "
+                f"{len(moe_layers)} MoE layer(s): add MoE layers or set cp_coeff to 0"
+            )
+        if config.recompute_granularity is not None:
+            raise ValueError(
+                "R_cp with activation recomputation is not supported yet (the recomputed pass "
+                "cannot see the previous layer's router graph): set recompute_granularity to null "
+                "or cp_coeff to 0"
+            )
+        warn_cross_stage_pairs(config, moe_layers)
+    if config.moe_router_topk == 1 and (spec_config.sp_coeff > 0 or spec_config.ortho_coeff > 0):
+        logger.warning("moe_router_topk is 1: R_sp and L_o compare a token's experts pairwise and "
+                       "are 0 with a single expert per token")
+
+
+def cross_stage_pairs(config, moe_layers: List[int]) -> List[tuple]:
+    """Adjacent MoE layer pairs (l, l') that live on different pipeline stages / model chunks."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    pp = config.pipeline_model_parallel_size or 1
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    if pp == 1 and vpp == 1:
+        return []
+    owner = {}
+    for rank in range(pp):
+        for vp in range(vpp):
+            vp_stage = vp if vpp > 1 else None
+            offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=rank)
+            count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=rank)
+            for n in range(offset + 1, offset + count + 1):
+                owner[n] = (rank, vp)
+    return [(a, b) for a, b in zip(moe_layers[:-1], moe_layers[1:]) if owner.get(a) != owner.get(b)]
+
+
+def warn_cross_stage_pairs(config, moe_layers: List[int]) -> None:
+    pairs = cross_stage_pairs(config, moe_layers)
+    if pairs:
+        names = ", ".join(f"({a}, {b})" for a, b in pairs)
+        logger.warning(
+            "R_cp: the adjacent MoE layer pairs %s live on different pipeline stages or model chunks "
+            "and are left out of R_cp (their routing does not travel across the stage boundary)",
+            names,
+        )
+
+
+def _tp_cp_group_or_none():
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_tensor_and_context_parallel_group()
