@@ -130,6 +130,11 @@ def test_specialization_hand_computed():
     assert ab.item() == pytest.approx((math.sqrt(2) / 3 + 1) / 2, abs=1e-6)
     sq.backward()
     assert torch.isfinite(z.grad[:2]).all()
+    # eps convention max(|a|, eps): a = 1e-7 e1 (below eps), b = e1 -> cos = 1e-7 / (1e-6 * 1) = 0.1
+    tiny = torch.tensor([[[1e-7, 0.0], [1.0, 0.0]]])
+    assert specialization_loss(tiny).item() == pytest.approx(0.01, rel=1e-5)
+    assert specialization_loss(tiny, similarity="abs_cosine").item() == pytest.approx(0.1, rel=1e-5)
+    assert specialization_loss(tiny, eps=1e-8).item() == pytest.approx(1.0, rel=1e-5)
 
 
 def test_orthogonality_hand_computed():
@@ -138,6 +143,11 @@ def test_orthogonality_hand_computed():
     y = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
     assert orthogonality_loss(y).item() == pytest.approx(0.75, abs=1e-5)
     assert orthogonality_loss(y, eps=0.0).item() == pytest.approx(0.75, abs=1e-7)
+    # eps in the denominator: y1 = e1, y2 = 1e-3 e1. proj of y1 on y2: (1e-3 / (1e-6 + 1e-6)) y2
+    #   = 500 * 1e-3 e1 -> |.|^2 = 0.25 ; proj of y2 on y1: (1e-3 / (1 + 1e-6)) e1 -> ~1e-6.
+    #   L_o = (0.25 + 1e-6 / (1 + 1e-6)^2) / 2
+    y = torch.tensor([[[1.0, 0.0], [1e-3, 0.0]]])
+    assert orthogonality_loss(y).item() == pytest.approx((0.25 + 1e-6 / (1 + 1e-6) ** 2) / 2, rel=1e-5)
     # orthogonal outputs: 0
     assert orthogonality_loss(torch.tensor([[[2.0, 0.0], [0.0, 3.0]]])).item() == 0.0
 
