@@ -527,7 +527,7 @@ def apply_override(values: dict, override: str) -> None:
                           f"sections are {', '.join(SECTIONS)}", key=path)
     known = _field_names(SECTIONS[section])
     if leaf not in known:
-        raise ConfigError(f"--set {path}: unknown key {path}{_suggest_key(section, leaf)}", key=path)
+        raise ConfigError(f"--set {path}: unknown key{_suggest_key(section, leaf)}", key=path)
     value = _yaml_load(raw, f"--set {path}")
     sec = values.setdefault(section, {})
     if sec is None:
