@@ -567,8 +567,10 @@ def _field_names(cls) -> List[str]:
 
 
 def _suggest(word: str, candidates) -> str:
-    m = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {m[0]!r}?" if m else ""
+    """"; did you mean 'x'?" for the closest candidate (case-insensitive), or ""."""
+    by_lower = {str(c).lower(): c for c in candidates}
+    m = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[m[0]]!r}?" if m else ""
 
 
 def _suggest_key(section: str, leaf: str) -> str:
@@ -856,6 +858,9 @@ def _check_moe(cfg: RunConfig) -> None:
     if m.moe_shared_expert_intermediate_size is not None and m.moe_shared_expert_intermediate_size % p.tp:
         raise _err("parallel.tp", f"tp={p.tp} does not divide model.moe_shared_expert_intermediate_size "
                    f"{m.moe_shared_expert_intermediate_size}; change one of them")
+    if m.add_bias_linear and m.moe_shared_expert_intermediate_size is not None:
+        raise _err("model.add_bias_linear", "megatron-core's shared expert has no biases; set "
+                   "model.add_bias_linear: false or remove the shared expert")
     if m.add_bias_linear and etp != 1:
         raise _err("parallel.etp", "megatron-core supports biases in MoE experts only with etp=1; set "
                    "parallel.etp: 1 or model.add_bias_linear: false")
@@ -876,6 +881,9 @@ def _check_moe(cfg: RunConfig) -> None:
                    "type; give one number, or a list of types")
     if any(c < 0 for c in (coeff if isinstance(coeff, list) else [coeff])):
         raise _err("model.moe_aux_loss_coeff", f"must be >= 0, got {coeff}")
+    if "sinkhorn" in lb_list and any(c != 0 for c in (coeff if isinstance(coeff, list) else [coeff])):
+        raise _err("model.moe_aux_loss_coeff", "sinkhorn routing does not support an auxiliary loss "
+                   "(megatron-core asserts moe_aux_loss_coeff == 0); set it to 0 or use aux_loss")
     if (k == 1 and m.moe_router_score_function == "softmax" and not m.moe_router_pre_softmax
             and lb != "sinkhorn"):
         raise _err("model.moe_router_pre_softmax", "top-1 routing with softmax needs the softmax before "
@@ -1278,7 +1286,7 @@ def count_parameters(cfg: RunConfig) -> ParamCount:
             active += n
             continue
         E, k = m.num_moe_experts, m.moe_router_topk
-        router = H * E
+        router = H * E + (E if bias else 0)
         expert = mlp(m.resolved_moe_ffn_hidden_size)
         shared = 0
         if m.moe_shared_expert_intermediate_size is not None:
