@@ -1334,3 +1334,75 @@ def config_warnings(cfg: RunConfig) -> List[str]:
         out.append("model.moe_router_dtype: >= 32 experts without fp32 routing (megatron-core "
                    "recommends moe_router_dtype: fp32)")
     return out
+
+
+# ====================================================================== reference docs
+_SPECIALIZATION_HELP = {
+    "sp_coeff": "lambda_sp, intra-layer specialization loss R_sp (paper: 2e-3). Needs model.swiglu.",
+    "cp_coeff": "lambda_cp, cross-layer coupling loss R_cp (paper: 1e-3). Needs >= 2 MoE layers.",
+    "ortho_coeff": "lambda_o, orthogonality loss L_o of arXiv 2505.22323 (baseline). Needs model.swiglu.",
+    "var_coeff": "lambda_v, router variance loss L_v of arXiv 2505.22323 (baseline).",
+    "sp_similarity": "R_sp pair similarity: squared_cosine or abs_cosine.",
+    "sp_max_tokens": "Evaluate R_sp and L_o on an evenly strided subset of at most this many valid tokens "
+                     "per micro-batch; null = all tokens.",
+    "cp_form": "R_cp form: product (-mean M^l M^l') or log (-mean log(M^l M^l' + 1e-9)).",
+    "cp_pipeline": "MoE pairs split across pipeline stages: exact (computed exactly) or skip (left out "
+                   "with a start-up warning naming them).",
+    "v_form": "L_v form: paper (variance over tokens of each expert's gate) or per_token.",
+    "eps": "eps of the cosine / projection denominators (fp32).",
+    "metrics": "Compute and log the routing metrics (no gradient).",
+    "metrics_interval": "Compute the metrics every this many iterations.",
+}
+
+
+_STR_TYPES = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
+              "Optional[int]": "an integer or null"}
+_SPECIALIZATION_TYPES = {
+    "sp_similarity": "squared_cosine \\| abs_cosine",
+    "cp_form": "product \\| log",
+    "cp_pipeline": "exact \\| skip",
+    "v_form": "paper \\| per_token",
+}
+
+
+def _fmt_default(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"' if value == "" else value
+    return str(value)
+
+
+def reference_markdown() -> str:
+    """One markdown table per section: key, type, default, meaning (docs/configuration.md)."""
+    out = []
+    for section, cls in SECTIONS.items():
+        out.append(f"### `{section}`\n")
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        out.append(doc + "\n")
+        out.append("| key | type | default | meaning |")
+        out.append("|---|---|---|---|")
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = _fmt_default(f.default)
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = _fmt_default(f.default_factory())  # type: ignore[misc]
+            else:
+                default = "-"
+            if f.metadata.get("required"):
+                default = "**required**"
+            if cls is SpecializationConfig:
+                # specialization_config.py postpones annotations: f.type is a string there
+                help_text = _SPECIALIZATION_HELP.get(f.name, "")
+                type_text = _SPECIALIZATION_TYPES.get(f.name) or _STR_TYPES.get(f.type, f.type)
+            else:
+                help_text = f.metadata.get("help", "")
+                type_text = _describe(f.type)
+                choices = f.metadata.get("choices")
+                if choices:
+                    type_text = " \\| ".join(_fmt_default(c) for c in choices)
+            out.append(f"| `{f.name}` | {type_text} | {default} | {help_text.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)

@@ -689,3 +689,13 @@ def test_every_key_is_documented():
         assert f"`{section}`" in doc
         for fld in dataclasses.fields(cls):
             assert f"`{fld.name}`" in doc, f"{section}.{fld.name} missing from docs/configuration.md"
+
+
+def test_docs_tables_are_generated_from_the_schema():
+    from megatron_moe_spec.run_config import reference_markdown
+
+    with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
+        doc = f.read()
+    assert reference_markdown() in doc, (
+        "docs/configuration.md is stale: paste megatron_moe_spec.run_config.reference_markdown() "
+        "between the GENERATED markers")
