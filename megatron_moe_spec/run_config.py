@@ -9,7 +9,8 @@ Everything a training driver needs comes from this object:
 
 - ``megatron_config_kwargs(cfg, cpu=...)``: the kwargs of megatron-core's ``TransformerConfig``;
 - ``gpt_model_kwargs(cfg)``: the remaining ``GPTModel`` kwargs (vocab, position embedding, ...);
-- ``optimizer_config_kwargs(cfg)``: the kwargs of megatron-core's ``OptimizerConfig``;
+- ``optimizer_config_kwargs(cfg)`` / ``lr_scheduler_kwargs(cfg)``: megatron-core's
+  ``OptimizerConfig`` and ``OptimizerParamScheduler`` kwargs;
 - ``validate_for_world_size(cfg, world_size)`` -> ``ParallelSizes`` (dp, expert dp, micro-batches);
 - ``cfg.specialization`` (the ``SpecializationConfig``), ``cfg.data`` (paths), ``cfg.to_dict()``
   (what the driver writes into ``RUN_DIR/config.yaml``; it loads back to an equal config).
@@ -54,6 +55,7 @@ __all__ = [
     "megatron_config_kwargs",
     "gpt_model_kwargs",
     "optimizer_config_kwargs",
+    "lr_scheduler_kwargs",
     "count_parameters",
     "config_warnings",
     "padded_vocab_size",
@@ -237,8 +239,8 @@ class TrainingConfig:
     min_lr: float = _f(0.0, "Final learning rate of the decay.", ge=0)
     lr_warmup_iters: int = _f(0, "Linear warm-up steps.", ge=0)
     lr_decay_iters: Optional[int] = _f(None, "Steps of the decay; null = train_iters.", ge=1)
-    lr_decay_style: str = _f("cosine", "constant, linear, cosine, inverse-square-root or WSD.",
-                             choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"))
+    lr_decay_style: str = _f("cosine", "constant, linear, cosine or inverse-square-root.",
+                             choices=("constant", "linear", "cosine", "inverse-square-root"))
     optimizer: str = _f("adam", "adam (AdamW with decoupled weight decay) or sgd.", choices=("adam", "sgd"))
     weight_decay: float = _f(0.01, "Weight decay.", ge=0)
     adam_beta1: float = _f(0.9, "Adam beta1.", ge=0)
@@ -808,9 +810,11 @@ def _check_cross_fields(cfg: RunConfig, check_paths: bool) -> None:
                    f"{t.micro_batch_size}; make it a multiple of micro_batch_size * dp")
     if t.min_lr > t.lr:
         raise _err("training.min_lr", f"{t.min_lr} is larger than training.lr {t.lr}; lower min_lr")
-    if t.lr_warmup_iters > t.train_iters:
-        raise _err("training.lr_warmup_iters", f"{t.lr_warmup_iters} warm-up steps exceed "
-                   f"training.train_iters {t.train_iters}; lower it")
+    decay_iters = t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters
+    if t.lr_warmup_iters >= decay_iters:
+        raise _err("training.lr_warmup_iters", f"{t.lr_warmup_iters} warm-up steps must be fewer than the "
+                   f"{decay_iters} decay steps (training.lr_decay_iters, null = train_iters; megatron-core's "
+                   f"scheduler asserts it); lower it")
     for name in ("adam_beta1", "adam_beta2"):
         if not getattr(t, name) < 1:
             raise _err(f"training.{name}", f"must be < 1, got {getattr(t, name)}")
@@ -1172,14 +1176,17 @@ def megatron_config_kwargs(cfg: RunConfig, cpu: Optional[bool] = None) -> dict:
         )
     else:
         # bias_activation_fusion: megatron-core accepts it for SwiGLU, and for GeLU only with biases.
+        # gradient_accumulation_fusion and apply_rope_fusion need Transformer Engine kernels (or apex
+        # for the former): on with transformer_impl: transformer_engine only.
+        te = m.transformer_impl == "transformer_engine"
         kw.update(
             use_cpu_initialization=False,
-            gradient_accumulation_fusion=True,
+            gradient_accumulation_fusion=te,
             bias_activation_fusion=m.swiglu or m.add_bias_linear,
             masked_softmax_fusion=True,
             bias_dropout_fusion=True,
             persist_layer_norm=True,
-            apply_rope_fusion=m.position_embedding_type == "rope",
+            apply_rope_fusion=te and m.position_embedding_type == "rope",
             moe_permute_fusion=m.moe_permute_fusion if m.is_moe else False,
         )
     return kw
@@ -1218,6 +1225,24 @@ def optimizer_config_kwargs(cfg: RunConfig) -> dict:
         fp16=t.precision == "fp16",
         params_dtype=dtype,
         use_distributed_optimizer=t.use_distributed_optimizer,
+    )
+
+
+def lr_scheduler_kwargs(cfg: RunConfig) -> dict:
+    """The kwargs of megatron-core's ``OptimizerParamScheduler`` (besides ``optimizer``), in
+    iterations: call ``scheduler.step(increment=1)`` once per optimizer step."""
+    t = cfg.training
+    return dict(
+        init_lr=0.0 if t.lr_warmup_iters > 0 else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.train_iters,
+        wd_incr_style="constant",
     )
 
 

@@ -17,6 +17,7 @@ from megatron_moe_spec.run_config import (
     count_parameters,
     gpt_model_kwargs,
     load_run_config,
+    lr_scheduler_kwargs,
     megatron_config_kwargs,
     optimizer_config_kwargs,
     validate_for_world_size,
@@ -170,7 +171,9 @@ def test_transformer_config_constructs_cpu_and_gpu(path):
     assert tc.bf16 == (cfg.training.precision == "bf16")
 
     gpu = megatron_config_kwargs(cfg, cpu=False)
-    assert gpu["gradient_accumulation_fusion"] and gpu["masked_softmax_fusion"]
+    te = cfg.model.transformer_impl == "transformer_engine"
+    assert gpu["gradient_accumulation_fusion"] == te and gpu["masked_softmax_fusion"]
+    assert gpu["apply_rope_fusion"] == te
     assert gpu["bias_activation_fusion"] and not gpu["use_cpu_initialization"]
     assert gpu["moe_permute_fusion"] == cfg.model.moe_permute_fusion
     # apply_rope_fusion and moe_permute_fusion make TransformerConfig import Transformer Engine
@@ -184,6 +187,21 @@ def test_transformer_config_constructs_cpu_and_gpu(path):
     assert {k: v for k, v in kw.items() if k not in fusion_keys} == {
         k: v for k, v in gpu.items() if k not in fusion_keys}
     OptimizerConfig(**optimizer_config_kwargs(cfg))
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=rel)
+def test_lr_scheduler_kwargs_construct(path):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    class FakeOptimizer:
+        param_groups = [{"lr": 0.0, "weight_decay": 0.0}]
+
+    cfg = load_run_config([path])
+    sched = OptimizerParamScheduler(FakeOptimizer(), **lr_scheduler_kwargs(cfg))
+    sched.step(increment=cfg.training.lr_warmup_iters)
+    assert FakeOptimizer.param_groups[0]["lr"] == pytest.approx(cfg.training.lr)
+    sched.step(increment=cfg.training.train_iters - cfg.training.lr_warmup_iters)
+    assert FakeOptimizer.param_groups[0]["lr"] == pytest.approx(cfg.training.min_lr)
 
 
 def test_cpu_flag_follows_training_device():
@@ -463,6 +481,8 @@ ERROR_CASES = {
     "global batch vs micro batch": (["training.global_batch_size=10"], "training.global_batch_size",
                                     ["not divisible by training.micro_batch_size 4"]),
     "min_lr > lr": (["training.min_lr=1"], "training.min_lr", ["lower min_lr"]),
+    "warmup >= decay": (["training.lr_warmup_iters=300"], "training.lr_warmup_iters",
+                        ["fewer than the 300 decay steps"]),
     "full recompute needs method": (["training.recompute_granularity=full"], "training.recompute_method",
                                     ["uniform or block"]),
     "full recompute num layers": (["training.recompute_granularity=full", "training.recompute_method=block"],
