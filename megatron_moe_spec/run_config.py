@@ -612,7 +612,7 @@ def _check_structure(values: dict, where: Optional[str]) -> None:
         if content is None:
             continue
         if not isinstance(content, dict):
-            raise ConfigError(f"{prefix}{section} must be a mapping of keys, got {content!r}", key=section)
+            raise ConfigError(f"{prefix}{section}: must be a mapping of keys, got {content!r}", key=section)
         known = _field_names(SECTIONS[section])
         for key in content:
             if key not in known:
@@ -676,11 +676,11 @@ def _check_fields(section: str, obj) -> None:
         meta = f.metadata
         value = getattr(obj, f.name)
         if value is None and meta.get("required"):
-            raise ConfigError(f"{key} is required; set it in your YAML ({section}: {{{f.name}: "
+            raise ConfigError(f"{key}: is required; set it in your YAML ({section}: {{{f.name}: "
                               f"{meta.get('example')}}}) or with --set {key}=...", key=key)
         coerced = _coerce(value, f.type)
         if coerced is _NO_MATCH:
-            raise ConfigError(f"{key} must be {_describe(f.type)}, got {value!r} "
+            raise ConfigError(f"{key}: must be {_describe(f.type)}, got {value!r} "
                               f"({type(value).__name__}); fix the value in your YAML", key=key)
         setattr(obj, f.name, coerced)
         value = coerced
@@ -688,7 +688,7 @@ def _check_fields(section: str, obj) -> None:
         if choices is not None and value not in choices:
             shown = ", ".join("null" if c is None else str(c) for c in choices)
             hint = _suggest(str(value), [c for c in choices if c is not None])
-            raise ConfigError(f"{key} must be one of {shown}; got {value!r}{hint}", key=key)
+            raise ConfigError(f"{key}: must be one of {shown}; got {value!r}{hint}", key=key)
         for bound, op, word in ((meta.get("ge"), lambda a, b: a >= b, ">="),
                                 (meta.get("gt"), lambda a, b: a > b, ">")):
             if bound is None or value is None:
@@ -696,7 +696,7 @@ def _check_fields(section: str, obj) -> None:
             items = value if isinstance(value, list) else [value]
             for v in items:
                 if isinstance(v, (int, float)) and not op(v, bound):
-                    raise ConfigError(f"{key} must be {word} {bound}, got {value!r}", key=key)
+                    raise ConfigError(f"{key}: must be {word} {bound}, got {value!r}", key=key)
 
 
 def _specialization_error(e: ValueError) -> ConfigError:
@@ -707,6 +707,8 @@ def _specialization_error(e: ValueError) -> ConfigError:
         names = msg.split(":", 1)[1].split(";")[0].strip().split(", ")
         key = f"specialization.{names[0]}"
         msg = f"unknown key {key}{_suggest_key('specialization', names[0])}"
+    if msg.startswith(key + " "):
+        msg = f"{key}: {msg[len(key) + 1:]}"
     return ConfigError(msg, key=key)
 
 
