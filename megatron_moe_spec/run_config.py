@@ -591,7 +591,7 @@ def _suggest_key(section: str, leaf: str) -> str:
             break
     if best:
         return f"; did you mean {best}?"
-    return f"; known keys of {section}: are {', '.join(_field_names(SECTIONS[section]))}"
+    return f"; the keys of {section}: are {', '.join(_field_names(SECTIONS[section]))}"
 
 
 def _check_structure(values: dict, where: Optional[str]) -> None:

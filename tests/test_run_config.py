@@ -392,6 +392,7 @@ def test_set_overrides(tmp_path):
     ("training.lr", "--set", "expected KEY=VALUE"),
     ("model.a.b=1", "model.a.b", "expected SECTION.KEY=VALUE"),
     ("training.lr=[1, 2", "--set training.lr", "not valid YAML"),
+    ("eval.zzzzqq=1", "eval.zzzzqq", "unknown key; the keys of eval: are interval, iters"),
 ])
 def test_set_errors(tmp_path, override, key, fragment):
     a = write(tmp_path / "a.yaml", MINIMAL)
