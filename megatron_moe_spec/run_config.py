@@ -492,6 +492,7 @@ def load_yaml_file(path: str, _stack: Tuple[str, ...] = ()) -> dict:
     merged: dict = {}
     base_dir = os.path.dirname(apath)
     for inc in includes:
+        inc = os.path.expanduser(inc)
         inc_path = inc if os.path.isabs(inc) else os.path.join(base_dir, inc)
         merged = _deep_merge(merged, load_yaml_file(inc_path, _stack + (apath,)))
     return _deep_merge(merged, data)
@@ -1066,10 +1067,17 @@ def validate_for_world_size(cfg: RunConfig, world_size: int) -> ParallelSizes:
         raise _err("training.global_batch_size",
                    f"{gbs} is not divisible by micro_batch_size * dp = {t.micro_batch_size}*{dp} = "
                    f"{t.micro_batch_size * dp} at world size {world_size}; use a multiple of it")
+    num_microbatches = gbs // (t.micro_batch_size * dp)
+    if p.vpp is not None and num_microbatches % p.pp != 0:
+        raise _err("training.global_batch_size",
+                   f"the interleaved schedule (parallel.vpp) needs the micro-batches per step, "
+                   f"{num_microbatches} = {gbs} / ({t.micro_batch_size}*{dp}), to be a multiple of pp={p.pp} "
+                   f"(megatron-core's rule); raise global_batch_size to a multiple of "
+                   f"{t.micro_batch_size * dp * p.pp}")
     return ParallelSizes(
         world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, dp=dp, ep=p.ep, etp=etp,
         expert_dp=expert_dp, micro_batch_size=t.micro_batch_size, global_batch_size=gbs,
-        num_microbatches=gbs // (t.micro_batch_size * dp))
+        num_microbatches=num_microbatches)
 
 
 # ====================================================================== megatron-core kwargs

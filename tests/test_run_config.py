@@ -576,6 +576,15 @@ def test_world_size_checks():
     assert "micro_batch_size * dp = 2*3 = 6" in str(e.value)
 
 
+def test_world_size_interleaved_schedule_needs_microbatches_multiple_of_pp():
+    cfg = load_run_config([TINY], ["parallel.pp=2", "parallel.vpp=2", "training.global_batch_size=12"])
+    with pytest.raises(ConfigError) as e:
+        validate_for_world_size(cfg, 2)  # dp 1: 3 micro-batches of 4, not a multiple of pp 2
+    assert e.value.key == "training.global_batch_size"
+    assert "multiple of pp=2" in str(e.value) and "multiple of 8" in str(e.value)
+    assert validate_for_world_size(load_run_config([TINY], ["parallel.pp=2", "parallel.vpp=2"]), 2).num_microbatches == 2
+
+
 def test_world_size_expert_groups():
     cfg = load_run_config([os.path.join(CONFIGS, "paper", "large_vanilla.yaml")])
     with pytest.raises(ConfigError) as e:
