@@ -239,8 +239,9 @@ class TrainingConfig:
     min_lr: float = _f(0.0, "Final learning rate of the decay.", ge=0)
     lr_warmup_iters: int = _f(0, "Linear warm-up steps.", ge=0)
     lr_decay_iters: Optional[int] = _f(None, "Steps of the decay; null = train_iters.", ge=1)
-    lr_decay_style: str = _f("cosine", "constant, linear, cosine or inverse-square-root.",
-                             choices=("constant", "linear", "cosine", "inverse-square-root"))
+    lr_decay_style: str = _f(
+        "cosine", "constant, linear, cosine or inverse-square-root (Megatron's default is linear).",
+        choices=("constant", "linear", "cosine", "inverse-square-root"))
     optimizer: str = _f("adam", "adam (AdamW with decoupled weight decay) or sgd.", choices=("adam", "sgd"))
     weight_decay: float = _f(0.01, "Weight decay.", ge=0)
     adam_beta1: float = _f(0.9, "Adam beta1.", ge=0)
