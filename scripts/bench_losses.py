@@ -101,7 +101,7 @@ def bench_shape(T, k, F, E, dtype, repeats, naive_max_elements):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 repeats (smoke test)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 5)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 7)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--naive-max-elements", type=int, default=1 << 23,
                     help="time sp_naive only when T*k*F <= this (it is slow; default 2^23)")
@@ -110,7 +110,7 @@ def main(argv=None):
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' = stdout)")
     args = ap.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 7)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
