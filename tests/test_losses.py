@@ -360,8 +360,7 @@ def test_invariances_specialization_and_orthogonality():
     for scale in (0.01, 7.0):
         assert specialization_loss(z * scale, valid).item() == pytest.approx(
             specialization_loss(z, valid).item(), rel=1e-5)
-    # L_o is also scale invariant away from eps (projections scale as s^2 ... per pair ratio):
-    # it scales as scale^2, a sanity check that the formula is the projection norm.
+    # L_o is NOT scale invariant: each projection vector scales with y, its squared norm with s^2.
     assert orthogonality_loss(z * 3.0, valid).item() == pytest.approx(9 * orthogonality_loss(z, valid).item(), rel=1e-4)
 
 
