@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -28,7 +29,7 @@ import platform
 import sys
 import sysconfig
 import warnings
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 DOMAINS: Tuple[str, ...] = ("prose", "code", "technical")
 SPLITS: Tuple[str, ...] = ("train", "valid", "test")
@@ -57,6 +58,15 @@ class Document:
         return DOMAINS.index(self.domain)
 
 
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A document before its text is read: ``load()`` returns the text, or None to leave it out."""
+
+    id: str
+    domain: str
+    load: Callable[[], Optional[str]]
+
+
 # --------------------------------------------------------------------------------------------- sources
 def _bible():
     try:
@@ -69,24 +79,30 @@ def _bible():
     return bible
 
 
-def bible_documents() -> List[Document]:
+def bible_candidates() -> List[Candidate]:
     """One document per chapter of the World English Bible, in canonical book/chapter order."""
     bible = _bible()
     chapters: Dict[Tuple[int, int], List[int]] = {}
     for verse_id in sorted(bible.get_verse_ids()):  # verse id = book * 10**6 + chapter * 10**3 + verse
         chapters.setdefault((verse_id // 1_000_000, verse_id // 1000 % 1000), []).append(verse_id)
     titles = {book.value: title for book, title in bible.short_titles.items()}
-    docs = []
+
+    def loader(title, chapter, first, last):
+        def load():
+            text = bible.get_scripture(first, last).strip()
+            return f"{title} {chapter}\n\n{text}" if text else None
+        return load
+
+    out = []
     for (book, chapter), verses in sorted(chapters.items()):
         title = titles[book]
-        text = bible.get_scripture(verses[0], verses[-1]).strip()
-        if not text:
-            continue
-        slug = title.replace(" ", "_")
-        docs.append(
-            Document(f"prose/web/{book:02d}_{slug}/{chapter:03d}", "prose", f"{title} {chapter}\n\n{text}")
-        )
-    return docs
+        out.append(Candidate(f"prose/web/{book:02d}_{title.replace(' ', '_')}/{chapter:03d}", "prose",
+                             loader(title, chapter, verses[0], verses[-1])))
+    return out
+
+
+def bible_documents() -> List[Document]:
+    return _materialize(bible_candidates())
 
 
 def stdlib_dir() -> str:
@@ -118,14 +134,19 @@ def _read_utf8(path: str) -> Optional[str]:
         return None
 
 
-def stdlib_code_documents(root: Optional[str] = None) -> List[Document]:
+def stdlib_code_candidates(root: Optional[str] = None) -> List[Candidate]:
     """One document per stdlib source file (UTF-8 decodable, non-empty)."""
-    docs = []
-    for rel, path in stdlib_python_files(root):
-        text = _read_utf8(path)
-        if text and text.strip():
-            docs.append(Document(f"code/stdlib/{rel}", "code", text))
-    return docs
+    def loader(path):
+        def load():
+            text = _read_utf8(path)
+            return text if text and text.strip() else None
+        return load
+
+    return [Candidate(f"code/stdlib/{rel}", "code", loader(path)) for rel, path in stdlib_python_files(root)]
+
+
+def stdlib_code_documents(root: Optional[str] = None) -> List[Document]:
+    return _materialize(stdlib_code_candidates(root))
 
 
 def _module_name(rel: str) -> str:
@@ -163,25 +184,45 @@ def module_docstrings(source: str, module: str) -> Optional[str]:
     return "\n\n\n".join(parts) if parts else None
 
 
-def technical_documents(root: Optional[str] = None, min_chars: int = 200) -> List[Document]:
+def technical_candidates(root: Optional[str] = None, min_chars: int = 200) -> List[Candidate]:
     """Docstrings per stdlib module (at least ``min_chars`` characters) and the pydoc topics."""
-    docs = []
-    for rel, path in stdlib_python_files(root):
-        source = _read_utf8(path)
-        if not source:
-            continue
-        module = _module_name(rel)
-        text = module_docstrings(source, module)
-        if text and len(text) >= min_chars:
-            docs.append(Document(f"technical/docstrings/{module}", "technical", text))
-    topics = _pydoc_topics(root)
-    for name in sorted(topics):
-        text = topics[name].strip()
-        if text:
-            docs.append(Document(f"technical/pydoc_topics/{name}", "technical", text))
-    return docs
+    def docstrings(rel, path):
+        def load():
+            source = _read_utf8(path)
+            text = module_docstrings(source, _module_name(rel)) if source else None
+            return text if text and len(text) >= min_chars else None
+        return load
+
+    def topic(name):
+        def load():
+            return _pydoc_topics(root).get(name, "").strip() or None
+        return load
+
+    out = [Candidate(f"technical/docstrings/{_module_name(rel)}", "technical", docstrings(rel, path))
+           for rel, path in stdlib_python_files(root)]
+    out += [Candidate(f"technical/pydoc_topics/{name}", "technical", topic(name))
+            for name in sorted(_pydoc_topic_names(root))]
+    return out
 
 
+def technical_documents(root: Optional[str] = None, min_chars: int = 200) -> List[Document]:
+    return _materialize(technical_candidates(root, min_chars))
+
+
+def _materialize(candidates: Iterable[Candidate]) -> List[Document]:
+    out = []
+    for c in candidates:
+        text = c.load()
+        if text is not None:
+            out.append(Document(c.id, c.domain, text))
+    return out
+
+
+def _pydoc_topic_names(root: Optional[str]) -> List[str]:
+    return sorted(_pydoc_topics(root))
+
+
+@functools.lru_cache(maxsize=4)
 def _pydoc_topics(root: Optional[str]) -> Dict[str, str]:
     """The ``topics`` dict of ``pydoc_data/topics.py`` read with ``ast`` (no import, any stdlib dir)."""
     path = os.path.join(root or stdlib_dir(), "pydoc_data", "topics.py")
@@ -198,18 +239,23 @@ def _pydoc_topics(root: Optional[str]) -> Dict[str, str]:
     return {}
 
 
-def collect_documents(domains: Sequence[str] = DOMAINS, root: Optional[str] = None) -> List[Document]:
-    """All documents of the given domains, in domain order then source order."""
-    producers = {"prose": bible_documents, "code": lambda: stdlib_code_documents(root),
-                 "technical": lambda: technical_documents(root)}
-    docs: List[Document] = []
+def collect_candidates(domains: Sequence[str] = DOMAINS, root: Optional[str] = None) -> List[Candidate]:
+    """All candidate documents of the given domains, in domain order then source order."""
+    producers = {"prose": bible_candidates, "code": lambda: stdlib_code_candidates(root),
+                 "technical": lambda: technical_candidates(root)}
+    out: List[Candidate] = []
     for domain in domains:
         if domain not in producers:
             raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
-        docs.extend(producers[domain]())
-    ids = [d.id for d in docs]
+        out.extend(producers[domain]())
+    ids = [c.id for c in out]
     assert len(ids) == len(set(ids)), "document ids must be unique"
-    return docs
+    return out
+
+
+def collect_documents(domains: Sequence[str] = DOMAINS, root: Optional[str] = None) -> List[Document]:
+    """All documents of the given domains, in domain order then source order."""
+    return _materialize(collect_candidates(domains, root))
 
 
 def source_versions() -> Dict[str, str]:
@@ -236,35 +282,39 @@ def _unit_hash(text: str) -> float:
 
 
 def select_documents(
-    docs: Sequence[Document],
+    candidates: Sequence[Candidate],
     max_docs_per_domain: Optional[int] = None,
     max_bytes_per_domain: Optional[int] = None,
     seed: int = 0,
 ) -> List[Document]:
-    """Apply the per-domain caps; keeps the input order.
+    """Load the candidates under the per-domain caps; keeps the input order.
 
-    Within a domain, documents are visited in the order of SHA-256(seed, id) and taken greedily while
+    Within a domain, candidates are visited in the order of SHA-256(seed, id) and taken greedily while
     they fit both caps (a document larger than the remaining byte budget is skipped, a smaller one
-    later may still fit). Without caps every document is kept and the seed plays no role.
+    later may still fit). Only visited candidates are read, so a small corpus builds fast. Without caps
+    every document is kept and the seed plays no role.
     """
     if max_docs_per_domain is None and max_bytes_per_domain is None:
-        return list(docs)
-    keep = set()
-    by_domain: Dict[str, List[Document]] = {}
-    for d in docs:
-        by_domain.setdefault(d.domain, []).append(d)
+        return _materialize(candidates)
+    texts: Dict[str, str] = {}
+    by_domain: Dict[str, List[Candidate]] = {}
+    for c in candidates:
+        by_domain.setdefault(c.domain, []).append(c)
     for domain, group in by_domain.items():
         n = nbytes = 0
-        for d in sorted(group, key=lambda d: hashlib.sha256(f"{seed}:{d.id}".encode()).hexdigest()):
+        for c in sorted(group, key=lambda c: hashlib.sha256(f"{seed}:{c.id}".encode()).hexdigest()):
             if max_docs_per_domain is not None and n >= max_docs_per_domain:
                 break
-            size = len(d.text.encode("utf-8"))
+            text = c.load()
+            if text is None:
+                continue
+            size = len(text.encode("utf-8"))
             if max_bytes_per_domain is not None and nbytes + size > max_bytes_per_domain:
                 continue
-            keep.add(d.id)
+            texts[c.id] = text
             n += 1
             nbytes += size
-    return [d for d in docs if d.id in keep]
+    return [Document(c.id, c.domain, texts[c.id]) for c in candidates if c.id in texts]
 
 
 def split_of(doc_id: str, ratios: Sequence[float]) -> str:
@@ -349,8 +399,7 @@ def build_corpus(
     prepare command puts into the manifest.
     """
     os.makedirs(out_dir, exist_ok=True)
-    docs = collect_documents(domains)
-    docs = select_documents(docs, max_docs_per_domain, max_bytes_per_domain, seed)
+    docs = select_documents(collect_candidates(domains), max_docs_per_domain, max_bytes_per_domain, seed)
     splits, moved = assign_splits(docs, split_ratios)
     stats: Dict[str, Dict[str, Dict[str, int]]] = {}
     for split in SPLITS:
