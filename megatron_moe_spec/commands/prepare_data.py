@@ -32,7 +32,7 @@ HELP = "build the offline multi-domain corpus, tokenizer and megatron-core datas
 
 MANIFEST = "manifest.json"
 TINY = {"vocab_size": 512, "max_docs_per_domain": 12, "max_bytes_per_domain": 40_000, "split": "60,20,20"}
-FULL = {"vocab_size": 8192, "max_docs_per_domain": None, "max_bytes_per_domain": None, "split": "98,1,1"}
+FULL = {"vocab_size": 8192, "max_docs_per_domain": None, "max_bytes_per_domain": None, "split": "96,2,2"}
 
 
 class UsageError(Exception):

@@ -390,7 +390,7 @@ def build_corpus(
     max_docs_per_domain: Optional[int] = None,
     max_bytes_per_domain: Optional[int] = None,
     seed: int = 0,
-    split_ratios: Sequence[float] = (98, 1, 1),
+    split_ratios: Sequence[float] = (96, 2, 2),
     domains: Sequence[str] = DOMAINS,
 ) -> dict:
     """Write ``out_dir/{train,valid,test}.jsonl`` (one JSON object per document: id, domain, text).

@@ -198,6 +198,23 @@ def _always() -> bool:
     return True
 
 
+def check_helpers() -> None:
+    """megatron-core's C++ dataset helpers (``helpers_cpp``, which builds the sample index) must import.
+
+    The megatron-core wheels on PyPI ship them prebuilt (``helpers_cpp.cpython-*.so``, listed in the
+    wheel's RECORD), and an sdist install compiles them at install time, so nothing is compiled at run
+    time. The wheel has no Makefile, so megatron's ``compile_helpers()`` can not help; say so clearly.
+    """
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"megatron-core's C++ dataset helpers do not import ({err}). Install a megatron-core wheel "
+            f"built for this Python/platform (pip install --force-reinstall 'megatron-core>=0.15,<0.20'); "
+            f"building from source needs a C++ compiler, the Python headers and pybind11."
+        ) from err
+
+
 def make_config(
     tokenizer,
     seq_length: int,
@@ -258,6 +275,7 @@ def build_datasets(
     Returns:
         (train, valid, test); a split without data (missing file, or zero share in ``split``) is None.
     """
+    check_helpers()
     if path_to_cache is None:
         path_to_cache = os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache")
     per_split = corpus_split_prefixes(prefix)
@@ -288,6 +306,7 @@ def build_mock_datasets(
     **config_kwargs,
 ) -> Tuple[DomainMockGPTDataset, DomainMockGPTDataset, DomainMockGPTDataset]:
     """Train/valid/test mock datasets with synthetic domains (no files; nothing is cached)."""
+    check_helpers()
     config = make_config(
         tokenizer, seq_length, seed, None, mock_num_domains=num_domains,
         mock_num_documents=num_documents, mock_max_document_length=max_document_length, **config_kwargs,
@@ -306,5 +325,5 @@ def _none_if_empty(dataset):
 
 __all__ = [
     "DomainGPTDatasetConfig", "DomainGPTDataset", "DomainMockGPTDataset", "MockDomainLowLevelDataset",
-    "make_config", "build_datasets", "build_mock_datasets", "corpus_split_prefixes", "NO_DOMAIN", "Split",
+    "make_config", "build_datasets", "build_mock_datasets", "check_helpers", "corpus_split_prefixes", "NO_DOMAIN", "Split",
 ]
