@@ -3,6 +3,7 @@ the prepare-data command. Everything runs on a tiny corpus (--tiny: a few second
 import argparse
 import json
 import os
+import pickle
 import shutil
 import sys
 
@@ -164,9 +165,10 @@ def test_indexed_dataset_equals_tokenized_documents(tiny):
 
 
 # ----------------------------------------------------------------------------------------- GPT datasets
-def _reconstruct(ds, tok_stream_cache={}):
-    """Independent view of a GPTDataset: the documents in document_index order, concatenated; sample j
-    is the window [j*S, j*S + S + 1) of that stream (megatron's sampling, without its sample index)."""
+def _reconstruct(ds):
+    """Independent view of a GPTDataset: the documents in document_index order, concatenated, with the
+    domain of each token from the sidecar; sample j is the window [j*S, j*S + S + extra) of that stream
+    (megatron's sampling, reproduced without its sample index)."""
     seqs = [numpy.asarray(ds.dataset.get(int(d)), dtype=numpy.int64) for d in ds.document_index]
     tokens = numpy.concatenate(seqs)
     domains = numpy.concatenate(
@@ -177,11 +179,12 @@ def _reconstruct(ds, tok_stream_cache={}):
 
 def _check_against_reconstruction(ds, seq_length):
     stream, dom_stream = _reconstruct(ds)
+    extra = int(ds.config.add_extra_token_to_sequence)
     assert len(ds) > 0
     for idx in range(len(ds)):
         sample = ds[idx]
         j = int(ds.shuffle_index[idx])
-        window = stream[j * seq_length : j * seq_length + seq_length + 1]
+        window = stream[j * seq_length : j * seq_length + seq_length + extra]
         dwindow = dom_stream[j * seq_length : j * seq_length + seq_length]
         n = len(window)
         assert sample["tokens"][: min(n, seq_length)].tolist() == window[:seq_length].tolist()
@@ -206,7 +209,12 @@ def test_gpt_datasets_domains_match_reconstruction(tiny):
     # samples cross document boundaries, and the domain label changes there
     crossings = [i for i in range(len(train)) if len(set(train[i]["domain"].tolist())) > 1]
     assert crossings
-    # the index caches were written next to the data, and a second build reuses them
+    # a DataLoader batches the domain like the tokens, and the dataset pickles (worker processes)
+    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=4, shuffle=False)))
+    assert batch["domain"].shape == batch["tokens"].shape == (4, SEQ)
+    clone = pickle.loads(pickle.dumps(train))
+    assert torch.equal(clone[3]["domain"], train[3]["domain"]) and torch.equal(clone[3]["tokens"], train[3]["tokens"])
+    # the index caches were written next to the data
     cache = os.path.join(os.path.dirname(corpus_prefix(tiny)), "cache")
     assert any(name.endswith("shuffle_index.npy") for name in os.listdir(cache))
 
@@ -225,6 +233,12 @@ def test_gpt_datasets_multi_epoch_and_padded_validation(tiny):
     assert "attention_mask" not in train[0]
     s = train[5]
     assert (s["loss_mask"][s["tokens"] == tok.eod] == 0).all()
+
+
+def test_gpt_datasets_without_extra_token(tiny):
+    tok = load_tokenizer(tiny)
+    train, _, _ = build_datasets(corpus_prefix(tiny), tok, 40, seed=11, add_extra_token_to_sequence=False)
+    _check_against_reconstruction(train, 40)
 
 
 def test_plain_megatron_prefix_without_domains(tiny, tmp_path):
