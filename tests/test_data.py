@@ -368,3 +368,36 @@ def test_module_entry_point_and_shell_script(tmp_path):
     assert r.returncode == 0 and "--max-bytes-per-domain" in r.stdout and "--tiny" in r.stdout
     r = subprocess.run(["bash", "-n", os.path.join(root, "scripts", "prepare_data.sh")], capture_output=True)
     assert r.returncode == 0
+
+
+def _two_rank_worker(rank, world, init_file, prefix, tok_path, cache, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tok = SpecTokenizer(tok_path)
+        train, valid, _ = build_datasets(prefix, tok, SEQ, num_samples=(500, None, None), seed=5,
+                                         path_to_cache=cache)
+        torch.save({"n": len(train), "domain": torch.stack([train[i]["domain"] for i in range(0, len(train), 7)]),
+                    "tokens": torch.stack([train[i]["tokens"] for i in range(0, len(train), 7)]),
+                    "valid": len(valid)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(180)
+def test_two_ranks_build_the_same_datasets(tiny, tmp_path):
+    """With torch.distributed (gloo, 2 processes) every rank calls build_datasets; rank 0 writes the
+    index cache first, rank 1 loads it; both see identical samples and domains."""
+    import torch.multiprocessing as mp
+
+    cache = str(tmp_path / "cache")
+    out = str(tmp_path / "res")
+    mp.spawn(_two_rank_worker, nprocs=2, join=True,
+             args=(2, str(tmp_path / "init"), corpus_prefix(tiny),
+                   os.path.join(tiny, "tokenizer", "tokenizer.json"), cache, out))
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert r0["n"] == r1["n"] >= 500 and r0["valid"] == r1["valid"] > 0
+    assert torch.equal(r0["domain"], r1["domain"]) and torch.equal(r0["tokens"], r1["tokens"])
+    assert len([n for n in os.listdir(cache) if n.endswith("-train-shuffle_index.npy")]) == 1

@@ -26,7 +26,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import sys
 import sysconfig
 import warnings
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -424,5 +423,3 @@ def check_sources() -> None:
         ) from err
     if not os.path.isdir(stdlib_dir()):
         raise MissingDependencyError(f"the Python standard library was not found at {stdlib_dir()}")
-    if sys.version_info < (3, 8):  # pragma: no cover
-        raise MissingDependencyError("Python >= 3.8 is needed")
