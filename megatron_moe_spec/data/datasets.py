@@ -25,7 +25,6 @@ other ranks load them, so ``path_to_cache`` must be on a file system that all ra
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -40,7 +39,6 @@ from megatron.core.datasets.utils import Split
 from .corpus import SPLITS
 from .indexed import load_domain_names, load_domains, split_prefix
 
-logger = logging.getLogger(__name__)
 
 NO_DOMAIN = -1
 
