@@ -358,7 +358,7 @@ def test_missing_bible_package_exits_2_and_names_the_fix(tmp_path, monkeypatch, 
     assert not (tmp_path / "d").exists()
 
 
-def test_module_entry_point_and_shell_script(tmp_path):
+def test_module_entry_point_and_shell_script(tiny, manifest, tmp_path):
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -366,6 +366,18 @@ def test_module_entry_point_and_shell_script(tmp_path):
     r = subprocess.run([sys.executable, "-m", "megatron_moe_spec.commands.prepare_data", "--help"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and "--max-bytes-per-domain" in r.stdout and "--tiny" in r.stdout
+    # another process with another string-hash seed builds byte-identical files (corpus, tokenizer, data)
+    out = tmp_path / "sub"
+    r = subprocess.run([sys.executable, "-m", "megatron_moe_spec.commands.prepare_data", "--tiny",
+                        "--output", str(out)], capture_output=True, text=True,
+                       env=dict(env, PYTHONHASHSEED="12345"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(out / "manifest.json") as f:
+        assert json.load(f)["files"] == manifest["files"]
+    r = subprocess.run([sys.executable, "-m", "megatron_moe_spec.commands.prepare_data", "--output",
+                        str(tmp_path / "sub" / "manifest.json" / "x")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 2 and "error" in r.stderr
     r = subprocess.run(["bash", "-n", os.path.join(root, "scripts", "prepare_data.sh")], capture_output=True)
     assert r.returncode == 0
 
