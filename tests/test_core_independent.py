@@ -38,7 +38,11 @@ def independent_layer(moe, x_SBH):
     """Routing, z and y of one MoE layer from its input and weights (no megatron code)."""
     x = x_SBH.reshape(-1, x_SBH.shape[-1])
     logits = x @ moe.router.weight.t()
-    p = torch.softmax(logits.float(), dim=-1)
+    if moe.config.moe_router_score_function == "sigmoid":
+        scores = torch.sigmoid(logits.float())
+        p = scores / scores.sum(-1, keepdim=True)  # spec: sigmoid scores over their sum
+    else:
+        p = torch.softmax(logits.float(), dim=-1)
     k = moe.config.moe_router_topk
     topk_idx = torch.topk(p, k, dim=-1).indices.sort(dim=-1).values  # ascending expert order
     F = moe.config.moe_ffn_hidden_size
@@ -61,16 +65,19 @@ def independent_layer(moe, x_SBH):
     return {"p": p, "topk_idx": topk_idx, "z": z_TKF, "y": y_TKH, "gates": gates}
 
 
-def independent_loss(kind, layers, spec):
+def independent_loss(kind, layers, spec, valid=None):
+    """The pure loss functions on the independent tensors; ``valid``: one [T] mask per layer."""
+    valid = valid or [None] * len(layers)
     if kind == "sp":
-        return [losses.specialization_loss(l["z"], similarity=spec.sp_similarity) for l in layers]
+        return [losses.specialization_loss(l["z"], v, similarity=spec.sp_similarity) for l, v in zip(layers, valid)]
     if kind == "ortho":
-        return [losses.orthogonality_loss(l["y"]) for l in layers]
+        return [losses.orthogonality_loss(l["y"], v) for l, v in zip(layers, valid)]
     if kind == "var":
-        return [losses.variance_loss(l["gates"], form=spec.v_form, probs=l["p"]) for l in layers]
+        return [losses.variance_loss(l["gates"], v, form=spec.v_form, probs=l["p"]) for l, v in zip(layers, valid)]
     if kind == "cp":
-        return [losses.coupling_loss(a["p"], a["topk_idx"], b["p"], b["topk_idx"], form=spec.cp_form)
-                for a, b in zip(layers[:-1], layers[1:])]
+        return [losses.coupling_loss(a["p"], a["topk_idx"], b["p"], b["topk_idx"],
+                                     None if va is None else va & vb, form=spec.cp_form)
+                for a, b, va, vb in zip(layers[:-1], layers[1:], valid[:-1], valid[1:])]
     raise ValueError(kind)
 
 
@@ -79,7 +86,7 @@ TRACKER_NAME = {"sp": "specialization_loss", "ortho": "orthogonality_loss", "var
                 "cp": "coupling_loss"}
 
 
-def run_model(settings, spec, params_from=None):
+def run_model(settings, spec, params_from=None, padding_mask=None):
     """Forward+backward of the LM loss; returns the model, its grads and the captured MoE inputs."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
@@ -98,9 +105,13 @@ def run_model(settings, spec, params_from=None):
     moe_layers = [m for m in model.modules() if isinstance(m, SpecializationMoELayer)]
     hooks = [m.register_forward_pre_hook(functools.partial(lambda i, mod, args, kw: inputs.__setitem__(i, args[0] if args else kw["hidden_states"]), i), with_kwargs=True)
              for i, m in enumerate(moe_layers)]
+    routing_maps = {}
+    hooks += [m.router.register_forward_hook(functools.partial(lambda i, mod, args, out: routing_maps.__setitem__(i, out[1].detach()), i))
+              for i, m in enumerate(moe_layers)]
     batch = global_microbatches(settings, 1)[0]
+    extra = {} if padding_mask is None else {"padding_mask": padding_mask}
     out = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
-                labels=batch["labels"])
+                labels=batch["labels"], **extra)
     lm = out.float().mean()
     params = [p for p in model.parameters()]
     global NAMES
@@ -109,6 +120,7 @@ def run_model(settings, spec, params_from=None):
     for h in hooks:
         h.remove()
     tracker = {k: v["values"].clone() for k, v in get_moe_layer_wise_logging_tracker().items()}
+    run_model.routing_maps = routing_maps
     return model, moe_layers, grads, inputs, params, tracker
 
 
@@ -150,3 +162,86 @@ def test_loss_value_and_gradient_match_independent_computation(megatron_single_p
         assert float((diff - exp).abs().max()) <= 1e-4 * scale + roundoff + 1e-10, NAMES[checked_i]
         checked += int(exp.abs().max() > 0)
     assert checked > 0
+
+
+VARIANTS = {
+    # name: (settings changes, padding?)
+    "sigmoid_router": ({"moe_router_score_function": "sigmoid"}, False),
+    "padding_tokens": ({}, True),
+    "capacity_dropping": ({"extra_config": {"moe_expert_capacity_factor": 1.0, "moe_token_drop_policy": "probs"}}, False),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("kind", ["sp", "var", "cp"])
+def test_variants_match_independent_computation(megatron_single_process, variant, kind):
+    """Sigmoid scores are normalized per the spec; padding and capacity-dropped tokens count for nothing."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    changes, with_padding = VARIANTS[variant]
+    settings = TinyGPTSettings(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                               micro_batch_size=2, seq_length=8, moe_aux_loss_coeff=0.0).replace(**changes)
+    padding = None
+    if with_padding:
+        padding = torch.zeros(settings.micro_batch_size, settings.seq_length, dtype=torch.bool)
+        padding[0, -3:] = True
+        padding[1, -5:] = True
+    coeff = 0.5
+    spec_on = SpecializationConfig(**{COEFF_FIELD[kind]: coeff})
+    model_on, _, grads_on, _, _, tracker = run_model(settings, spec_on, padding_mask=padding)
+    model_off, moe_off, grads_off, inputs, params, _ = run_model(
+        settings, SpecializationConfig(metrics=True), params_from=model_on, padding_mask=padding)
+    maps = run_model.routing_maps
+
+    layers = [independent_layer(m, inputs[i]) for i, m in enumerate(moe_off)]
+    valid = []
+    for i, layer in enumerate(layers):
+        v = maps[i].sum(1) == settings.moe_router_topk  # capacity: only tokens that kept all k experts
+        if padding is not None:
+            v = v & ~padding.t().reshape(-1)  # MoE tokens are [S, B] flattened
+        valid.append(v)
+    if variant == "capacity_dropping":
+        assert any(not bool(v.all()) for v in valid), "the capacity factor dropped nothing"
+        # Valid tokens' experts are megatron's routing.
+        for layer, m, v in zip(layers, maps.values(), valid):
+            chosen = torch.zeros_like(m).scatter(1, layer["topk_idx"], True)
+            assert torch.equal(chosen[v], m[v])
+    values = independent_loss(kind, layers, spec_on, valid)
+    expected_grads = torch.autograd.grad(sum(values), params, allow_unused=True)
+    logged = tracker[TRACKER_NAME[kind]]
+    logged = logged[: len(values)] if kind == "cp" else logged
+    assert torch.allclose(logged.double(), torch.stack(values).double().detach(), rtol=1e-5, atol=1e-7), (logged, values)
+    for p, g_on, g_off, g_exp in zip(params, grads_on, grads_off, expected_grads):
+        diff = (g_on if g_on is not None else torch.zeros_like(p)) - (g_off if g_off is not None else torch.zeros_like(p))
+        exp = coeff * (g_exp if g_exp is not None else torch.zeros_like(p))
+        roundoff = 1e-4 * float(g_off.abs().max()) if g_off is not None else 0.0
+        assert float((diff - exp).abs().max()) <= 1e-4 * float(exp.abs().max()) + roundoff + 1e-10
+
+
+def test_metrics_on_with_zero_coefficients_leaves_gradients_bit_identical(megatron_single_process):
+    settings = TinyGPTSettings(num_moe_experts=4, moe_ffn_hidden_size=32, micro_batch_size=2, seq_length=8)
+    stock, _, grads_stock, _, _, _ = run_model(settings, SpecializationConfig())
+    _, _, grads_metrics, _, _, _ = run_model(settings, SpecializationConfig(metrics=True), params_from=stock)
+    for a, b in zip(grads_stock, grads_metrics):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_everything_off_is_megatrons_own_spec(megatron_single_process):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_moe_spec.core.layer_specs import get_moe_block_spec
+
+    config = build_transformer_config(TinyGPTSettings())
+    ours = get_moe_block_spec(config, SpecializationConfig(), use_transformer_engine=False)
+    stock = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    assert ours == stock
+    assert [s.module for s in ours.layer_specs] == [s.module for s in stock.layer_specs]
+
+
+def test_top1_routing_gives_zero_pairwise_losses(megatron_single_process):
+    settings = TinyGPTSettings(num_moe_experts=4, moe_router_topk=1, moe_ffn_hidden_size=32,
+                               micro_batch_size=2, seq_length=8)
+    _, _, grads, _, _, tracker = run_model(settings, SpecializationConfig(sp_coeff=0.5, ortho_coeff=0.5, var_coeff=0.1))
+    assert "specialization_loss" not in tracker or float(tracker["specialization_loss"].abs().sum()) == 0.0
+    assert float(tracker["variance_loss"].abs().sum()) > 0  # L_v is defined for k = 1

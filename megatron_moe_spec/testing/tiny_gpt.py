@@ -337,6 +337,7 @@ def train_step_result(settings: TinyGPTSettings, layer_spec_fn: Callable = defau
     config = build_transformer_config(settings)
     torch.manual_seed(1234)
     chunks = build_model(config, settings, layer_spec_fn)
+    _register_metrics(config, layer_spec_fn)
     if initial_params is not None:
         load_full_tensors(chunks, initial_params)
     params = gather_full_tensors(chunks, "param")
@@ -354,4 +355,45 @@ def train_step_result(settings: TinyGPTSettings, layer_spec_fn: Callable = defau
         "lm_loss": float(totals[0] / totals[1]),
         "grads": gather_full_tensors(chunks, "grad"),
         "params": params,
+        "tracker": tracker_values(settings.num_microbatches),
+        "metrics": _report_metrics(),
     }
+
+
+def _register_metrics(config, layer_spec_fn) -> None:
+    """Metrics need every MoE layer's statistics on every rank (see core.layer_metrics)."""
+    spec_config = getattr(layer_spec_fn, "keywords", {}).get("spec_config")
+    if spec_config is None or not spec_config.metrics:
+        return
+    from megatron_moe_spec.core import layer_metrics
+    from megatron_moe_spec.core.layer_specs import moe_layer_numbers
+
+    layer_metrics.register_layers(moe_layer_numbers(config), config.num_moe_experts)
+
+
+def tracker_values(num_microbatches: int) -> Dict[str, List[float]]:
+    """megatron's MoE tracker after its own cross-rank reduction, per micro-batch, then cleared.
+
+    Every rank must call this (the reduction is a collective). ``z_loss`` is left out: megatron-core
+    0.16 records it without a reduce group, so its logged value differs across TP ranks.
+    """
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    names = sorted(n for n in tracker if n != "z_loss")
+    reduce_aux_losses_tracker_across_ranks(names)
+    values = {n: (tracker[n]["values"].double() / num_microbatches).tolist() for n in names}
+    clear_aux_losses_tracker()
+    return values
+
+
+def _report_metrics():
+    from megatron_moe_spec.core import layer_metrics
+
+    if not layer_metrics.registered_layers():
+        return {}
+    return layer_metrics.report()
