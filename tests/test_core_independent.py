@@ -241,7 +241,8 @@ def test_everything_off_is_megatrons_own_spec(megatron_single_process):
 
 def test_top1_routing_gives_zero_pairwise_losses(megatron_single_process):
     settings = TinyGPTSettings(num_moe_experts=4, moe_router_topk=1, moe_ffn_hidden_size=32,
-                               micro_batch_size=2, seq_length=8)
+                               micro_batch_size=2, seq_length=8,
+                               extra_config={"moe_router_pre_softmax": True})  # megatron's rule for k = 1
     _, _, grads, _, _, tracker = run_model(settings, SpecializationConfig(sp_coeff=0.5, ortho_coeff=0.5, var_coeff=0.1))
     assert "specialization_loss" not in tracker or float(tracker["specialization_loss"].abs().sum()) == 0.0
     assert float(tracker["variance_loss"].abs().sum()) > 0  # L_v is defined for k = 1

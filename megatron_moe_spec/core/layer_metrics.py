@@ -146,11 +146,13 @@ def report(group=None) -> Dict[str, object]:
         values["activation_similarity"] = similarity["activation_similarity"]
         layer_matrices = {"tokens_per_expert": tokens_per_expert.tolist(),
                           "similarity": similarity["similarity"].tolist()}
-        if stats.pathway is not None:
+        # Pairs never observed together (adjacent MoE layers on different pipeline stages, whose
+        # routing does not travel across the boundary) are left out rather than reported as 0.
+        if stats.pathway is not None and float(stats.pathway.transition_EF.sum()) > 0:
             pathway = stats.pathway.finalize()
             values["pathway_nmi"] = pathway["pathway_nmi"]
             layer_matrices["transition"] = pathway["transition"].tolist()
-        if stats.domain is not None:
+        if stats.domain is not None and float(stats.domain.expert_domain_ED.sum()) > 0:
             domain = stats.domain.finalize()
             values["domain_mi"] = domain["domain_mi"]
             layer_matrices["expert_domain"] = domain["expert_domain"].tolist()

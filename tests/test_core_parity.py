@@ -1,0 +1,98 @@
+"""The specialization losses inside megatron-core under every parallel layout equal one process.
+
+A tiny GPT-MoE with all four losses on (and the metrics) takes one training step through megatron's
+schedule, DDP and grad finalization. Under each layout, the LM loss, the full (gathered) gradients of
+every parameter, the per-layer values of every loss in megatron's tracker (after megatron's own
+cross-rank reduction) and the reduced routing metrics equal the one-process run's (rtol 1e-5).
+The one-process run is itself checked against an independent computation in test_core_independent.
+"""
+import functools
+
+import pytest
+
+from megatron_moe_spec.core.layer_specs import get_moe_block_spec
+from megatron_moe_spec.specialization_config import SpecializationConfig
+from megatron_moe_spec.testing.compare import assert_same_step
+from megatron_moe_spec.testing.distributed import ParallelSizes, run_distributed
+from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, train_step_result
+
+pytestmark = [pytest.mark.multirank, pytest.mark.timeout(900)]
+
+ALL_LOSSES = SpecializationConfig(sp_coeff=0.05, cp_coeff=0.05, ortho_coeff=0.05, var_coeff=0.05, metrics=True)
+NO_CP = SpecializationConfig(sp_coeff=0.05, ortho_coeff=0.05, var_coeff=0.05, metrics=True)
+
+VANILLA = TinyGPTSettings(num_moe_experts=4, moe_ffn_hidden_size=32)
+DEEPSEEK = TinyGPTSettings(num_moe_experts=8, moe_router_topk=4, moe_ffn_hidden_size=16,
+                           moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1, 1, 1])
+
+_REFERENCES = {}
+
+
+def spec_fn(spec_config):
+    return functools.partial(get_moe_block_spec, spec_config=spec_config)
+
+
+def reference(settings, spec_config, dp):
+    single = settings.replace(num_microbatches=settings.num_microbatches * dp)
+    key = (repr(single), repr(spec_config))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = run_distributed(train_step_result, 1, ParallelSizes(),
+                                           args=(single, spec_fn(spec_config)))[0]
+    return _REFERENCES[key]
+
+
+def assert_close_values(ref, got, what, rtol=1e-5):
+    assert set(ref) == set(got), f"{what}: names {sorted(got)} != {sorted(ref)}"
+    for name in ref:
+        for i, (a, b) in enumerate(zip(ref[name], got[name])):
+            assert abs(a - b) <= rtol * max(abs(a), 1e-6), f"{what} {name} layer {i}: {b} != {a}"
+
+
+def assert_close_metrics(ref, got, rtol=1e-5, missing_pairs=()):
+    """Every reported metric equals the reference; pathway metrics of pairs that cross a pipeline
+    stage boundary (``missing_pairs``, 1-based layer numbers) must be absent, and nothing else."""
+    scalars = [k for k, v in ref.items() if isinstance(v, float)]
+    assert scalars, "no metrics were reported"
+    missing = {f"pathway_nmi/layer_{a - 1}" for a, _ in missing_pairs}
+    assert {k for k in scalars if k not in got} == missing
+    if missing:
+        scalars = [k for k in scalars if k not in missing and k != "pathway_nmi"]
+    for key in scalars:
+        assert abs(ref[key] - got[key]) <= rtol * max(abs(ref[key]), 1e-6), f"metric {key}: {got[key]} != {ref[key]}"
+
+
+LAYOUTS = [
+    # name, settings, spec, world, parallel, dp of the dense part
+    ("tp2_sp", VANILLA, ALL_LOSSES, 2, ParallelSizes(tp=2), 1),
+    ("ep2_alltoall", VANILLA, ALL_LOSSES, 2, ParallelSizes(ep=2), 2),
+    ("ep2_allgather", VANILLA.replace(moe_token_dispatcher_type="allgather"), ALL_LOSSES, 2, ParallelSizes(ep=2), 2),
+    ("tp2_ep2", VANILLA, ALL_LOSSES, 4, ParallelSizes(tp=2, ep=2), 2),
+    # ETP != TP (e.g. tp=1, etp=2): stock megatron-core already differs from one process in this
+    # harness (expert gradients only; see docs/parallelism.md), so that layout is not listed yet.
+    ("dp2_microbatches2", VANILLA.replace(num_microbatches=2), ALL_LOSSES, 2, ParallelSizes(), 2),
+    ("pp2_1f1b", VANILLA.replace(num_microbatches=4), NO_CP, 2, ParallelSizes(pp=2), 1),
+    ("full_recompute_ep2", VANILLA.replace(recompute_granularity="full", recompute_method="uniform",
+                                           recompute_num_layers=1), NO_CP, 2, ParallelSizes(ep=2), 2),
+    ("moe_recompute_tp2", VANILLA.replace(recompute_granularity="selective", recompute_modules=["moe"]),
+     NO_CP, 2, ParallelSizes(tp=2), 1),
+    ("deepseek_tp2_sp", DEEPSEEK, ALL_LOSSES, 2, ParallelSizes(tp=2), 1),
+    ("deepseek_ep2_alltoall", DEEPSEEK, ALL_LOSSES, 2, ParallelSizes(ep=2), 2),
+    ("deepseek_ep2_allgather", DEEPSEEK.replace(moe_token_dispatcher_type="allgather"), ALL_LOSSES, 2,
+     ParallelSizes(ep=2), 2),
+]
+
+
+@pytest.mark.parametrize("name,settings,spec,world,parallel,dp", LAYOUTS, ids=[l[0] for l in LAYOUTS])
+def test_losses_match_one_process(name, settings, spec, world, parallel, dp):
+    ref = reference(settings, spec, dp)
+    results = run_distributed(train_step_result, world, parallel, args=(settings, spec_fn(spec)),
+                              kwargs={"initial_params": ref["params"]})
+    for name_, coeff in (("specialization_loss", spec.sp_coeff), ("coupling_loss", spec.cp_coeff),
+                         ("orthogonality_loss", spec.ortho_coeff), ("variance_loss", spec.var_coeff)):
+        if coeff:
+            assert any(v != 0 for v in ref["tracker"][name_]), f"{name_} was not logged"
+    for rank, result in enumerate(results):
+        assert_same_step(ref, result, rtol=1e-5)
+        assert_close_values(ref["tracker"], result["tracker"], f"rank {rank} tracker")
+        assert_close_metrics(ref["metrics"], result["metrics"],
+                             missing_pairs=[(2, 3)] if parallel.pp == 2 else ())
