@@ -100,10 +100,6 @@ def parse_layers(text: Optional[str]) -> Optional[List[int]]:
     return sorted(out)
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
-
-
 def _shared_vmax(panels_per_run: Iterable, floor: float) -> float:
     """A colour-scale maximum shared by all runs: the largest finite value, rounded up to 0.05."""
     values = [np.nanmax(p.matrix) for panels in panels_per_run for p in panels if np.isfinite(p.matrix).any()]
@@ -139,7 +135,6 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
     report = Report(output_dir=os.path.abspath(output), html_path=os.path.join(os.path.abspath(output), "report.html"),
                     runs=runs, layers=per_run_layers)
     colors = plots.run_colors(runs)
-    slugs = _unique_slugs(runs)
 
     def emit(section, fig, stem, title, run=None):
         filename = f"{stem}.{fmt}"
@@ -171,11 +166,11 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
     with_load = [r for r in runs if any(plots.load_series(r, l)[0].size for l in per_run_layers[r.name])]
     if with_load:
         emit("load", plots.plot_load(with_load, all_layers), "load_balance", "Load CV and MaxVio per layer")
-    for run in runs:
-        data = plots.tokens_panels(run, per_run_layers[run.name])
-        if data:
-            emit("load", plots.plot_tokens_heatmap(run, data), f"tokens_per_expert_{slugs[run.name]}",
-                 "Tokens per expert over steps", run.name)
+    tokens = {run.name: plots.tokens_panels(run, per_run_layers[run.name]) for run in runs}
+    with_tokens = [run for run in runs if tokens[run.name]]
+    if with_tokens:
+        emit("load", plots.plot_tokens_heatmap(with_tokens, tokens), "tokens_per_expert",
+             "Tokens per expert over steps")
     if not with_load:
         report.omitted["load"] = "no run logs load_cv/max_vio per layer or tokens_per_expert"
     missing_note("load", [r.name for r in runs if not r.tokens_per_expert], "routing.jsonl tokens_per_expert")
@@ -196,12 +191,11 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
     for section, make, stem, title, cbar, field_name, scale, cmap in matrix_sections:
         panels = {run.name: make(run, per_run_layers[run.name]) for run in runs}
         vmin, vmax = scale(panels.values())
-        drawn = []
-        for run in runs:
-            if panels[run.name]:
-                fig = plots.plot_heatmaps(run, panels[run.name], title, cbar, vmin, vmax, cmap=cmap)
-                emit(section, fig, f"{stem}_{slugs[run.name]}", title, run.name)
-                drawn.append(run.name)
+        drawn = [run.name for run in runs if panels[run.name]]
+        if drawn:
+            fig = plots.plot_heatmaps([r for r in runs if r.name in drawn], panels, title, cbar, vmin, vmax,
+                                      cmap=cmap)
+            emit(section, fig, stem, title)
         if not drawn:
             report.omitted[section] = f"no run logs {field_name} in routing.jsonl" + (
                 " for the selected layers" if wanted is not None else "")
@@ -219,16 +213,3 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
     with open(report.html_path, "w") as f:
         f.write(render(report))
     return report
-
-
-def _unique_slugs(runs: Sequence[Run]) -> Dict[str, str]:
-    out, used = {}, set()
-    for run in runs:
-        base = s = slug(run.name)
-        i = 2
-        while s in used:
-            s = f"{base}_{i}"
-            i += 1
-        used.add(s)
-        out[run.name] = s
-    return out

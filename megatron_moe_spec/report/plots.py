@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from . import analysis
 from .runs import AUX_LOSSES, Run
@@ -113,6 +114,7 @@ def _cmap(name: str, bad: str = "#d0d0d0"):
 class Panel:
     """One heatmap: ``matrix`` is exactly what is drawn (rows x columns)."""
 
+    layer: int
     title: str
     matrix: np.ndarray
     row_label: str
@@ -135,6 +137,7 @@ def domain_panels(run: Run, layers: Sequence[int]) -> List[Panel]:
         dead = [int(e) for e in np.flatnonzero(np.isnan(p[:, 0]))]
         panels.append(
             Panel(
+                layer=layer,
                 title=f"layer {layer}",
                 matrix=p,
                 row_label="expert (top-1)",
@@ -159,6 +162,7 @@ def transition_panels(run: Run, layers: Sequence[int]) -> List[Panel]:
         nxt = run.next_moe_layer(layer)
         panels.append(
             Panel(
+                layer=layer,
                 title=f"layer {layer} \u2192 {nxt if nxt is not None else 'next'}",
                 matrix=analysis.row_normalize(counts),
                 row_label=f"top-1 expert at layer {layer}",
@@ -180,6 +184,7 @@ def similarity_panels(run: Run, layers: Sequence[int]) -> List[Panel]:
         step, sim = entry
         panels.append(
             Panel(
+                layer=layer,
                 title=f"layer {layer}",
                 matrix=analysis.offdiag(sim),
                 row_label="expert",
@@ -228,8 +233,10 @@ def save(fig: Figure, path: str, fmt: str = "png") -> Tuple[int, int]:
 
 
 def _grid(n: int, max_cols: int) -> Tuple[int, int]:
-    cols = max(1, min(n, max_cols))
-    return int(math.ceil(n / cols)), cols
+    """(rows, cols) for n panels, at most max_cols wide, rows filled evenly (4 -> 2x2, not 3+1)."""
+    n = max(n, 1)
+    rows = int(math.ceil(n / max_cols))
+    return rows, int(math.ceil(n / rows))
 
 
 def _axes_grid(fig: Figure, n: int, max_cols: int, **kw):
@@ -283,9 +290,18 @@ def _index_ticks(ax, n: int, axis: str, names: Optional[List[str]] = None):
 
 
 # ---------------------------------------------------------------------- 1. loss curves
+ZOOM = "lm_loss:zoom"
+
+
 def loss_keys(runs: Sequence[Run]) -> List[str]:
-    """The panels of the loss figure: ``lm_loss`` and every auxiliary loss some run logs."""
-    return ["lm_loss"] + [k for k in AUX_LOSSES if any(r.has(k) for r in runs)]
+    """The panels of the loss figure: ``lm_loss``, the LM loss over the second half of training
+    (linear scale, where runs differ), and every auxiliary loss some run logs."""
+    return ["lm_loss", ZOOM] + [k for k in AUX_LOSSES if any(r.has(k) for r in runs)]
+
+
+def _second_half(x: np.ndarray, y: np.ndarray, start: float):
+    keep = x >= start
+    return x[keep], y[keep]
 
 
 def plot_losses(runs: Sequence[Run], colors) -> Figure:
@@ -295,23 +311,39 @@ def plot_losses(runs: Sequence[Run], colors) -> Figure:
     with matplotlib.rc_context(RC):
         axes = _axes_grid(fig, len(keys), 3)
         has_val = any(r.has("val_lm_loss") for r in runs)
+        last_step = max(float(r.metrics[-1]["step"]) for r in runs)
+        half = last_step / 2
         for ax, key in zip(axes, keys):
+            data_key = "lm_loss" if key == ZOOM else key
             for run in runs:
-                x, y = run.series(key)
+                x, y = run.series(data_key)
+                if key == ZOOM:
+                    x, y = _second_half(x, y, half)
                 _plot_curve(ax, x, y, colors[run.name])
-                if key == "lm_loss" and run.has("val_lm_loss"):
+                if data_key == "lm_loss" and run.has("val_lm_loss"):
                     xv, yv = run.series("val_lm_loss")
+                    if key == ZOOM:
+                        xv, yv = _second_half(xv, yv, half)
                     _plot_curve(ax, xv, yv, colors[run.name], linestyle="--", marker="o", smooth=False)
-            ax.set_title(LABELS.get(key, key) + ("" if key == "lm_loss" else "\n(mean over MoE layers)"))
             ax.set_xlabel("step")
-            ax.set_ylabel("loss (nats / token)" if key == "lm_loss" else "loss value")
             if key == "lm_loss":
+                ax.set_title("LM loss")
+                ax.set_ylabel("loss (nats / token)")
                 lo = min((np.nanmin(r.series(key)[1]) for r in runs if r.has(key)), default=1.0)
                 hi = max((np.nanmax(r.series(key)[1]) for r in runs if r.has(key)), default=1.0)
                 if lo > 0 and hi / lo > 3:
                     ax.set_yscale("log")
+                    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)))
+                    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                    ax.yaxis.set_minor_formatter(NullFormatter())
                     ax.set_ylabel("loss (nats / token, log scale)")
-            missing = [r.name for r in runs if not r.has(key)]
+            elif key == ZOOM:
+                ax.set_title(f"LM loss, second half (step \u2265 {half:g})")
+                ax.set_ylabel("loss (nats / token)")
+            else:
+                ax.set_title(LABELS.get(key, key) + "\n(mean over MoE layers)")
+                ax.set_ylabel("loss value")
+            missing = [r.name for r in runs if not r.has(data_key)]
             if missing and len(runs) > 1:
                 ax.text(0.99, 0.98, "not logged: " + ", ".join(missing), transform=ax.transAxes,
                         ha="right", va="top", fontsize=8, color="0.4")
@@ -384,6 +416,9 @@ def plot_overview(runs: Sequence[Run], colors, keys: Sequence[str]) -> Figure:
             ax.set_title(LABELS.get(key, key))
             ax.set_xlabel("step")
             ax.set_ylabel(UNITS.get(key, "value"))
+            if key == "dead_experts":
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
         _run_legend(fig, runs, colors)
         fig.suptitle("Routing metrics, mean over MoE layers")
     return fig
@@ -410,75 +445,118 @@ def plot_load(runs: Sequence[Run], layers: Sequence[int]) -> Figure:
             for i, ylabel in enumerate(("load CV = std/mean", "MaxVio = max/mean - 1")):
                 axes[i, j].set_ylabel(ylabel)
                 axes[i, j].set_xlabel("step")
-                axes[i, j].set_ylim(bottom=0)
                 axes[i, j].yaxis.set_tick_params(labelleft=True)
                 if not sources:
                     axes[i, j].text(0.5, 0.5, "no load data", transform=axes[i, j].transAxes,
                                     ha="center", color="0.4")
+        for ax in axes[:, 0]:  # after all runs are drawn: the rows share y
+            ax.set_ylim(bottom=0)
         handles = [Line2D([], [], color=lcolors[l], lw=2.5, label=f"layer {l}") for l in layers]
         fig.legend(handles=handles, loc="outside right upper", title="MoE layer", frameon=False)
         fig.suptitle("Load imbalance of tokens per expert (0 = perfectly balanced)")
     return fig
 
 
-def plot_tokens_heatmap(run: Run, data) -> Figure:
-    """Expert x step heatmap of tokens per expert / mean, one panel per layer."""
-    n = len(data)
-    n_experts = max(d[2].shape[0] for d in data)
-    rows, cols = _grid(n, 2)
-    panel_h = min(max(2.2, 0.22 * n_experts + 1.2), 6.0)
-    fig = new_figure(6.0 * cols + 1.2, panel_h * rows + 0.6)
-    vmax = max(2.0, float(np.nanmax([np.nanmax(d[2]) for d in data])))
+def _layer_run_axes(fig: Figure, layers: Sequence[int], runs: Sequence[Run], max_cols: int = 4):
+    """{(layer, run name): axes}. One run: the layers wrap over up to ``max_cols`` columns.
+    Several runs: one row per layer, one column per run (the same layer of each run side by side)."""
+    if len(runs) == 1:
+        axes = _axes_grid(fig, len(layers), max_cols)
+        return {(l, runs[0].name): ax for l, ax in zip(layers, axes)}
+    grid = fig.subplots(len(layers), len(runs), squeeze=False)
+    return {(l, r.name): grid[i, j] for i, l in enumerate(layers) for j, r in enumerate(runs)}
+
+
+def _layer_run_shape(n_layers: int, n_runs: int, max_cols: int = 4) -> Tuple[int, int]:
+    return _grid(n_layers, max_cols) if n_runs == 1 else (n_layers, n_runs)
+
+
+def _panel_title(run: Run, several: bool, text: str) -> str:
+    return f"{run.name}: {text}" if several else text
+
+
+def _empty(ax, text: str):
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.45")
+
+
+def plot_tokens_heatmap(runs: Sequence[Run], data: Dict[str, list]) -> Figure:
+    """Expert x step heatmaps of tokens per expert / mean; ``data[run name]`` is ``tokens_panels``."""
+    layers = sorted({d[0] for v in data.values() for d in v})
+    n_experts = max(d[2].shape[0] for v in data.values() for d in v)
+    rows, cols = _layer_run_shape(len(layers), len(runs), 2)
+    panel_h = min(max(2.4, 0.2 * n_experts + 1.3), 6.0)
+    fig = new_figure(5.6 * cols + 1.3, panel_h * rows + 0.7)
+    vmax = max(2.0, float(max(np.nanmax(d[2]) for v in data.values() for d in v if np.isfinite(d[2]).any())))
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
+    several = len(runs) > 1
     with matplotlib.rc_context({**RC, "axes.grid": False}):
-        axes = _axes_grid(fig, n, 2)
+        cells = _layer_run_axes(fig, layers, runs, 2)
         mesh = None
-        for ax, (layer, steps, ratio) in zip(axes, data):
-            mesh = ax.pcolormesh(_step_edges(steps), np.arange(ratio.shape[0] + 1) - 0.5, ratio,
-                                 cmap=_cmap("RdBu_r"), norm=norm)
-            ax.set_ylim(ratio.shape[0] - 0.5, -0.5)
-            _index_ticks(ax, ratio.shape[0], "y")
-            ax.set_title(f"layer {layer}")
-            ax.set_xlabel("step")
-            ax.set_ylabel("expert")
-        cb = fig.colorbar(mesh, ax=axes, shrink=0.9)
+        for run in runs:
+            by_layer = {d[0]: d for d in data.get(run.name, [])}
+            for layer in layers:
+                ax = cells[(layer, run.name)]
+                if layer not in by_layer:
+                    _empty(ax, f"{run.name}: layer {layer}\nno tokens_per_expert")
+                    continue
+                _, steps, ratio = by_layer[layer]
+                mesh = ax.pcolormesh(_step_edges(steps), np.arange(ratio.shape[0] + 1) - 0.5, ratio,
+                                     cmap=_cmap("RdBu_r"), norm=norm)
+                ax.set_ylim(ratio.shape[0] - 0.5, -0.5)
+                _index_ticks(ax, ratio.shape[0], "y")
+                ax.set_title(_panel_title(run, several, f"layer {layer}"))
+                ax.set_xlabel("step")
+                ax.set_ylabel("expert")
+        cb = fig.colorbar(mesh, ax=list(cells.values()), shrink=0.8 if rows > 1 else 1.0, aspect=30)
         cb.set_label("tokens / mean tokens per expert  (1 = fair share)")
-        fig.suptitle(f"{run.name}: tokens per expert over training (red = overloaded, blue = starved)")
+        fig.suptitle(("" if several else f"{runs[0].name}: ")
+                     + "tokens per expert over training (red = overloaded, blue = starved)")
     return fig
 
 
 # ---------------------------------------------------------------------- 4-6. heatmaps
-def plot_heatmaps(run: Run, panels: Sequence[Panel], title: str, cbar_label: str,
-                  vmin: float, vmax: float, cmap: str = "viridis", annotate: bool = True,
-                  max_cols: int = 4) -> Figure:
-    """A grid of matrix panels with one shared colour scale (NaN cells light gray)."""
-    n = len(panels)
-    n_rows_m = max(p.matrix.shape[0] for p in panels)
-    n_cols_m = max(p.matrix.shape[1] for p in panels)
-    rows, cols = _grid(n, max_cols)
+def plot_heatmaps(runs: Sequence[Run], panels: Dict[str, List[Panel]], title: str, cbar_label: str,
+                  vmin: float, vmax: float, cmap: str = "viridis", annotate: bool = True) -> Figure:
+    """Matrix panels with one colour scale shared by every layer and run (NaN cells light gray).
+    ``panels[run name]`` lists that run's panels; ``Panel.layer`` places them in the grid."""
+    all_panels = [p for ps in panels.values() for p in ps]
+    layers = sorted({p.layer for p in all_panels})
+    n_rows_m = max(p.matrix.shape[0] for p in all_panels)
+    n_cols_m = max(p.matrix.shape[1] for p in all_panels)
+    rows, cols = _layer_run_shape(len(layers), len(runs))
     cell = 0.42 if max(n_rows_m, n_cols_m) <= 16 else max(0.07, 6.0 / max(n_rows_m, n_cols_m))
     panel_w = min(max(n_cols_m * cell + 1.4, 3.0), 7.5)
     panel_h = min(max(n_rows_m * cell + 1.3, 2.8), 7.5)
     fig = new_figure(panel_w * cols + 1.3, panel_h * rows + 0.8)
+    several = len(runs) > 1
     with matplotlib.rc_context({**RC, "axes.grid": False}):
-        axes = _axes_grid(fig, n, max_cols)
+        cells = _layer_run_axes(fig, layers, runs)
         im = None
-        for ax, panel in zip(axes, panels):
-            m = np.ma.masked_invalid(panel.matrix)
-            im = ax.imshow(m, cmap=_cmap(cmap), vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-            _index_ticks(ax, m.shape[0], "y")
-            _index_ticks(ax, m.shape[1], "x", panel.col_names)
-            ax.set_xlabel(panel.col_label)
-            ax.set_ylabel(panel.row_label)
-            ax.set_title(panel.title + (f" (step {panel.step})" if panel.step is not None else "")
-                         + "".join("\n" + note for note in panel.notes))
-            if annotate and m.shape[0] * m.shape[1] <= 150:
-                for (i, j), v in np.ndenumerate(panel.matrix):
-                    if np.isfinite(v):
-                        frac = (v - vmin) / max(vmax - vmin, 1e-12)
-                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7.5,
-                                color="black" if frac > 0.6 else "white")
-        cb = fig.colorbar(im, ax=axes, shrink=0.9)
+        for run in runs:
+            by_layer = {p.layer: p for p in panels.get(run.name, [])}
+            for layer in layers:
+                ax = cells[(layer, run.name)]
+                panel = by_layer.get(layer)
+                if panel is None:
+                    _empty(ax, f"{run.name}: layer {layer}\nnot logged")
+                    continue
+                m = np.ma.masked_invalid(panel.matrix)
+                im = ax.imshow(m, cmap=_cmap(cmap), vmin=vmin, vmax=vmax, aspect="auto",
+                               interpolation="nearest")
+                _index_ticks(ax, m.shape[0], "y")
+                _index_ticks(ax, m.shape[1], "x", panel.col_names)
+                ax.set_xlabel(panel.col_label)
+                ax.set_ylabel(panel.row_label)
+                text = panel.title + (f" (step {panel.step})" if panel.step is not None else "")
+                ax.set_title(_panel_title(run, several, text) + "".join("\n" + n for n in panel.notes))
+                if annotate and m.shape[0] * m.shape[1] <= 150:
+                    for (i, j), v in np.ndenumerate(panel.matrix):
+                        if np.isfinite(v):
+                            frac = (v - vmin) / max(vmax - vmin, 1e-12)
+                            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7.5,
+                                    color="black" if frac > 0.6 else "white")
+        cb = fig.colorbar(im, ax=list(cells.values()), shrink=0.8 if rows > 1 else 1.0, aspect=30)
         cb.set_label(cbar_label)
-        fig.suptitle(f"{run.name}: {title}")
+        fig.suptitle(title if several else f"{runs[0].name}: {title}")
     return fig
