@@ -206,8 +206,9 @@ def load_runs(paths: List[str]) -> List[Run]:
     clashing names, then a counter)."""
     runs = [load_run(p) for p in paths]
     seen: Dict[str, int] = {}
+    names = [r.name for r in runs]
     for run in runs:
-        if sum(r.name == run.name for r in runs) > 1:
+        if names.count(run.name) > 1:
             parent = os.path.basename(os.path.dirname(run.path.rstrip(os.sep)))
             run.name = f"{parent}/{run.name}" if parent else run.name
     for run in runs:
