@@ -142,7 +142,18 @@ def fmt(value: float) -> str:
         return "inf" if value > 0 else "-inf"
     if float(value).is_integer() and abs(value) < 1e7:
         return str(int(value))
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
     return f"{value:.4g}"
+
+
+def spread_layers(layers: Sequence[int], k: int) -> List[int]:
+    """At most k of ``layers``, evenly spread, always including the first and the last."""
+    layers = sorted(layers)
+    if len(layers) <= k:
+        return layers
+    idx = sorted({int(round(i * (len(layers) - 1) / (k - 1))) for i in range(k)})
+    return [layers[i] for i in idx]
 
 
 def summary(runs) -> List[Tuple[SummaryRow, List[Optional[Stat]]]]:

@@ -9,10 +9,12 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from . import plots
+from . import analysis, plots
 from .runs import Run, load_runs
 
 FORMATS = ("png", "svg")
+#: Without --layers, heatmap figures show at most this many MoE layers (evenly spread).
+MAX_HEATMAP_LAYERS = 6
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,6 @@ class Image:
     section: str
     filename: str
     title: str
-    run: Optional[str]  # None: a comparison of all runs in one figure
     width: int
     height: int
 
@@ -101,10 +102,15 @@ def parse_layers(text: Optional[str]) -> Optional[List[int]]:
 
 
 def _shared_vmax(panels_per_run: Iterable, floor: float) -> float:
-    """A colour-scale maximum shared by all runs: the largest finite value, rounded up to 0.05."""
-    values = [np.nanmax(p.matrix) for panels in panels_per_run for p in panels if np.isfinite(p.matrix).any()]
-    top = max(values, default=floor)
-    return max(floor, math.ceil(top * 20 - 1e-9) / 20)
+    """A colour-scale maximum shared by all runs: the 99th percentile of the finite values (so that a
+    single cell of an expert with a handful of tokens does not wash out the rest; higher cells show
+    in the top colour and the colour bar gets an arrow), rounded up to 0.05."""
+    values = [p.matrix[np.isfinite(p.matrix)] for panels in panels_per_run for p in panels]
+    values = np.concatenate(values) if values else np.zeros(0)
+    if not values.size:
+        return floor
+    top = float(np.percentile(values, 99))
+    return min(1.0, max(floor, math.ceil(top * 20 - 1e-9) / 20))
 
 
 def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layers: Optional[str] = None,
@@ -130,16 +136,24 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
         have = sorted({l for r in runs for l in r.moe_layers})
         raise ReportError(f"--layers {layers}: none of these is an MoE layer of the runs (MoE layers: {have})")
     all_layers = sorted({l for ls in per_run_layers.values() for l in ls})
+    # Heatmaps take one panel per layer (and run): without --layers, a deep model shows an evenly
+    # spread subset, so that the page stays readable; --layers picks any others.
+    heat_layers = all_layers if wanted is not None else analysis.spread_layers(all_layers, MAX_HEATMAP_LAYERS)
+    heat_per_run = {name: [l for l in ls if l in heat_layers] for name, ls in per_run_layers.items()}
+    heat_note = None
+    if heat_layers != all_layers:
+        heat_note = (f"showing {len(heat_layers)} of {len(all_layers)} MoE layers "
+                     f"({', '.join(map(str, heat_layers))}); choose others with --layers")
 
     os.makedirs(output, exist_ok=True)
     report = Report(output_dir=os.path.abspath(output), html_path=os.path.join(os.path.abspath(output), "report.html"),
                     runs=runs, layers=per_run_layers)
     colors = plots.run_colors(runs)
 
-    def emit(section, fig, stem, title, run=None):
+    def emit(section, fig, stem, title):
         filename = f"{stem}.{fmt}"
         w, h = plots.save(fig, os.path.join(output, filename), fmt)
-        report.images.append(Image(section, filename, title, run, w, h))
+        report.images.append(Image(section, filename, title, w, h))
 
     def missing_note(section, runs_without, what):
         if runs_without and len(runs_without) < len(runs):
@@ -166,9 +180,11 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
     with_load = [r for r in runs if any(plots.load_series(r, l)[0].size for l in per_run_layers[r.name])]
     if with_load:
         emit("load", plots.plot_load(with_load, all_layers), "load_balance", "Load CV and MaxVio per layer")
-    tokens = {run.name: plots.tokens_panels(run, per_run_layers[run.name]) for run in runs}
+    tokens = {run.name: plots.tokens_panels(run, heat_per_run[run.name]) for run in runs}
     with_tokens = [run for run in runs if tokens[run.name]]
     if with_tokens:
+        if heat_note:
+            report.notes.setdefault("load", []).append("tokens-per-expert heatmaps: " + heat_note)
         emit("load", plots.plot_tokens_heatmap(with_tokens, tokens), "tokens_per_expert",
              "Tokens per expert over steps")
     if not with_load:
@@ -189,10 +205,12 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
          lambda ps: (0.0, _shared_vmax(ps, 0.1)), "viridis"),
     )
     for section, make, stem, title, cbar, field_name, scale, cmap in matrix_sections:
-        panels = {run.name: make(run, per_run_layers[run.name]) for run in runs}
+        panels = {run.name: make(run, heat_per_run[run.name]) for run in runs}
         vmin, vmax = scale(panels.values())
         drawn = [run.name for run in runs if panels[run.name]]
         if drawn:
+            if heat_note:
+                report.notes.setdefault(section, []).append(heat_note)
             fig = plots.plot_heatmaps([r for r in runs if r.name in drawn], panels, title, cbar, vmin, vmax,
                                       cmap=cmap)
             emit(section, fig, stem, title)

@@ -24,10 +24,8 @@ table.summary th, table.summary td { border: 1px solid #ddd; padding: 4px 10px; 
 table.summary th:first-child, table.summary td:first-child { text-align: left; }
 table.summary thead th { background: #f4f4f4; }
 table.summary td.best { font-weight: 600; }
-.row { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
-figure { margin: 8px 0; } .row figure { flex: 1 1 520px; min-width: 420px; }
+figure { margin: 12px 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { font-weight: 600; margin-bottom: 4px; }
 details { margin: 6px 0; } summary { cursor: pointer; }
 pre { background: #f7f7f7; padding: 10px; overflow-x: auto; font-size: 12px; }
 nav a { margin-right: 14px; }
@@ -72,21 +70,8 @@ def render(report: Report) -> str:
         out.append(f'<p class="how">{_e(section.how_to_read)}</p>')
         for note in report.notes.get(section.key, []):
             out.append(f'<p class="note">{_e(note)}</p>')
-        images = [img for img in report.images if img.section == section.key]
-        for img in (i for i in images if i.run is None):
-            out.append(_figure(img, caption=None))
-        per_run = [i for i in images if i.run is not None]
-        # side by side: one row per figure kind, one column per run
-        kinds = []
-        for img in per_run:
-            if img.title not in kinds:
-                kinds.append(img.title)
-        for kind in kinds:
-            row = [i for i in per_run if i.title == kind]
-            out.append('<div class="row">')
-            for img in row:
-                out.append(_figure(img, caption=img.run, color=colors.get(img.run)))
-            out.append("</div>")
+        for img in (i for i in report.images if i.section == section.key):
+            out.append(_figure(img))
         out.append("</section>")
 
     if report.omitted:
@@ -113,15 +98,10 @@ def render(report: Report) -> str:
     return "\n".join(out) + "\n"
 
 
-def _figure(img, caption, color=None) -> str:
-    cap = ""
-    if caption:
-        swatch = f'<span class="swatch" style="background:{color}"></span>' if color else ""
-        cap = f"<figcaption>{swatch}{_e(caption)}</figcaption>"
+def _figure(img) -> str:
     return (
-        f'<figure>{cap}<a href="{_e(img.filename)}"><img src="{_e(img.filename)}" alt="{_e(img.title)}'
-        f'{(" - " + _e(img.run)) if img.run else ""}" width="{img.width}" height="{img.height}" '
-        f'loading="lazy"></a></figure>'
+        f'<figure><a href="{_e(img.filename)}"><img src="{_e(img.filename)}" alt="{_e(img.title)}" '
+        f'width="{img.width}" height="{img.height}" loading="lazy"></a></figure>'
     )
 
 

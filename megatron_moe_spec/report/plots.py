@@ -457,6 +457,14 @@ def plot_load(runs: Sequence[Run], layers: Sequence[int]) -> Figure:
     return fig
 
 
+def _colorbar(fig: Figure, mappable, axes, rows: int, extend: str = "neither"):
+    """One colour bar for a grid: at the right of one or two rows, above taller grids (so it stays
+    next to the first panels instead of stretching over the whole page)."""
+    if rows <= 2:
+        return fig.colorbar(mappable, ax=axes, shrink=0.9, aspect=25, extend=extend)
+    return fig.colorbar(mappable, ax=axes, location="top", shrink=0.6, aspect=40, pad=0.01, extend=extend)
+
+
 def _layer_run_axes(fig: Figure, layers: Sequence[int], runs: Sequence[Run], max_cols: int = 4):
     """{(layer, run name): axes}. One run: the layers wrap over up to ``max_cols`` columns.
     Several runs: one row per layer, one column per run (the same layer of each run side by side)."""
@@ -508,7 +516,7 @@ def plot_tokens_heatmap(runs: Sequence[Run], data: Dict[str, list]) -> Figure:
                 ax.set_title(_panel_title(run, several, f"layer {layer}"))
                 ax.set_xlabel("step")
                 ax.set_ylabel("expert")
-        cb = fig.colorbar(mesh, ax=list(cells.values()), shrink=0.8 if rows > 1 else 1.0, aspect=30)
+        cb = _colorbar(fig, mesh, list(cells.values()), rows)
         cb.set_label("tokens / mean tokens per expert  (1 = fair share)")
         fig.suptitle(("" if several else f"{runs[0].name}: ")
                      + "tokens per expert over training (red = overloaded, blue = starved)")
@@ -556,7 +564,8 @@ def plot_heatmaps(runs: Sequence[Run], panels: Dict[str, List[Panel]], title: st
                             frac = (v - vmin) / max(vmax - vmin, 1e-12)
                             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7.5,
                                     color="black" if frac > 0.6 else "white")
-        cb = fig.colorbar(im, ax=list(cells.values()), shrink=0.8 if rows > 1 else 1.0, aspect=30)
+        above = any(np.nanmax(p.matrix) > vmax for p in all_panels if np.isfinite(p.matrix).any())
+        cb = _colorbar(fig, im, list(cells.values()), rows, extend="max" if above else "neither")
         cb.set_label(cbar_label)
         fig.suptitle(title if several else f"{runs[0].name}: {title}")
     return fig
