@@ -344,7 +344,7 @@ def plot_losses(runs: Sequence[Run], colors) -> Figure:
                 ax.set_title(LABELS.get(key, key) + "\n(mean over MoE layers)")
                 ax.set_ylabel("loss value")
             missing = [r.name for r in runs if not r.has(data_key)]
-            if missing and len(runs) > 1:
+            if missing and (len(runs) > 1 or key == "lm_loss"):
                 ax.text(0.99, 0.98, "not logged: " + ", ".join(missing), transform=ax.transAxes,
                         ha="right", va="top", fontsize=8, color="0.4")
         extra = []

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -322,6 +321,3 @@ def _find_domain_names(node, n: int):
                 return found
     return None
 
-
-def warn(message: str) -> None:
-    print(f"report: warning: {message}", file=sys.stderr)
