@@ -262,6 +262,7 @@ def test_minimal_metrics_only(tmp_path, capsys):
     lines = [json.dumps({"step": s, "lm_loss": 5.0 - s / 10}) for s in range(1, 11)]
     # a resumed run re-logs step 10, and the last line is half written
     lines.append(json.dumps({"step": 10, "lm_loss": 3.5}))
+    lines.append(json.dumps({"step": 10, "val_lm_loss": 3.7}))  # evaluation logged on its own line
     lines.append('{"step": 11, "lm_lo')
     (run_dir / "metrics.jsonl").write_text("\n".join(lines))
     assert report_cmd.main([str(run_dir)]) == 0
@@ -270,6 +271,7 @@ def test_minimal_metrics_only(tmp_path, capsys):
     html = open(run_dir / "report" / "report.html").read()
     assert 'src="loss_curves.png"' in html
     assert summary_cell(html, "minimal", "lm_loss", "last") == 3.5  # the re-logged record wins
+    assert summary_cell(html, "minimal", "val_lm_loss", "last") == 3.7  # merged into step 10
     assert "no config.yaml" in html
     assert sorted(os.listdir(run_dir / "report")) == ["loss_curves.png", "report.html"]
 

@@ -65,8 +65,8 @@ class Run:
     config: dict
     config_text: str
     metrics: List[dict]
-    """metrics.jsonl records, sorted by step, one per step (a re-logged step after a resume
-    replaces the earlier record)."""
+    """metrics.jsonl records, sorted by step, one per step (records of the same step are merged,
+    later values winning: a resumed run re-logs steps)."""
     tokens_per_expert: Dict[int, List[Tuple[int, np.ndarray]]] = field(default_factory=dict)
     """layer -> [(step, counts[E])] in step order, from routing.jsonl."""
     last_matrices: Dict[str, Dict[int, Tuple[int, np.ndarray]]] = field(default_factory=dict)
@@ -166,7 +166,9 @@ def load_run(path: str) -> Run:
             continue
         rec = dict(rec)
         rec["step"] = int(rec["step"])
-        by_step[rec["step"]] = rec  # a resumed run re-logs steps: the later record wins
+        # Several records of one step are merged, later keys winning: a resumed run re-logs steps
+        # (the new values replace the old), and a writer may log evaluation results separately.
+        by_step.setdefault(rec["step"], {}).update(rec)
     if not by_step:
         raise RunDirError(f"{metrics_path} contains no metrics records")
     metrics = [by_step[s] for s in sorted(by_step)]
