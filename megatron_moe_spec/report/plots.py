@@ -71,7 +71,7 @@ UNITS = {
     "token_expert_mi": "nats",
     "coactivation": "ratio",
     "activation_similarity": "|cos|",
-    "pathway_nmi": "0 (independent) .. 1",
+    "pathway_nmi": "NMI (0 = independent)",
     "domain_mi": "nats",
 }
 #: Mean-over-layer metrics compared across runs in the overview figure (entropy has its own).
@@ -418,7 +418,8 @@ def plot_overview(runs: Sequence[Run], colors, keys: Sequence[str]) -> Figure:
             ax.set_ylabel(UNITS.get(key, "value"))
             if key == "dead_experts":
                 ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
+                top = max(1.0, ax.get_ylim()[1])
+                ax.set_ylim(bottom=-0.04 * top, top=top)  # a line at 0 stays visible
         _run_legend(fig, runs, colors)
         fig.suptitle("Routing metrics, mean over MoE layers")
     return fig
@@ -492,14 +493,15 @@ def plot_tokens_heatmap(runs: Sequence[Run], data: Dict[str, list]) -> Figure:
     """Expert x step heatmaps of tokens per expert / mean; ``data[run name]`` is ``tokens_panels``."""
     layers = sorted({d[0] for v in data.values() for d in v})
     n_experts = max(d[2].shape[0] for v in data.values() for d in v)
-    rows, cols = _layer_run_shape(len(layers), len(runs), 2)
+    max_cols = 1 if len(layers) <= 4 else 2  # one run: wide panels (the step axis needs the width)
+    rows, cols = _layer_run_shape(len(layers), len(runs), max_cols)
     panel_h = min(max(2.4, 0.2 * n_experts + 1.3), 6.0)
     fig = new_figure(5.6 * cols + 1.3, panel_h * rows + 0.7)
     vmax = max(2.0, float(max(np.nanmax(d[2]) for v in data.values() for d in v if np.isfinite(d[2]).any())))
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
     several = len(runs) > 1
     with matplotlib.rc_context({**RC, "axes.grid": False}):
-        cells = _layer_run_axes(fig, layers, runs, 2)
+        cells = _layer_run_axes(fig, layers, runs, max_cols)
         mesh = None
         for run in runs:
             by_layer = {d[0]: d for d in data.get(run.name, [])}
