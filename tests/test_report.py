@@ -111,6 +111,7 @@ def captured(runs_dir, tmp_path_factory):
 # ---------------------------------------------------------------------- one and two runs
 def test_single_run_writes_every_plot_and_the_page(single):
     run_dir, out, rep = single
+    assert set(ALL_IMAGES) == set(build.IMAGE_STEMS)
     html = check_images(rep, out, ALL_IMAGES)
     assert png_size(os.path.join(out, "entropy_mean.png")) == (800, 450)  # 8 x 4.5 in at 100 dpi
     assert "synthetic-spec" in html
@@ -248,12 +249,18 @@ def test_run_without_routing_file(runs_dir, tmp_path):
 
     run_dir = tmp_path / "norouting"
     shutil.copytree(runs_dir / "baseline", run_dir)
-    os.remove(run_dir / "routing.jsonl")
     out = str(tmp_path / "out")
+    build.generate_report([str(run_dir)], output=out)
+    assert os.path.exists(os.path.join(out, "similarity.png"))
+    (tmp_path / "out" / "notes.png").write_bytes(b"not ours")
+    os.remove(run_dir / "routing.jsonl")
     rep = build.generate_report([str(run_dir)], output=out)
     # load CV/MaxVio still come from metrics.jsonl; the matrices are gone
-    check_images(rep, out, {"loss_curves", "entropy_mean", "entropy_layers", "load_balance", "metrics_overview"})
+    expected = {"loss_curves", "entropy_mean", "entropy_layers", "load_balance", "metrics_overview"}
+    check_images(rep, out, expected)
     assert set(rep.omitted) == {"domain", "transition", "similarity"}
+    # the earlier report's images that no longer apply are removed; other files are left alone
+    assert sorted(os.listdir(out)) == sorted([f"{s}.png" for s in expected] + ["report.html", "notes.png"])
 
 
 def test_minimal_metrics_only(tmp_path, capsys):

@@ -145,7 +145,11 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
         heat_note = (f"showing {len(heat_layers)} of {len(all_layers)} MoE layers "
                      f"({', '.join(map(str, heat_layers))}); choose others with --layers")
 
-    os.makedirs(output, exist_ok=True)
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot create the output folder {output!r}: {exc}") from exc
+    had_report = os.path.isfile(os.path.join(output, "report.html"))
     report = Report(output_dir=os.path.abspath(output), html_path=os.path.join(os.path.abspath(output), "report.html"),
                     runs=runs, layers=per_run_layers)
     colors = plots.run_colors(runs)
@@ -230,4 +234,23 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
 
     with open(report.html_path, "w") as f:
         f.write(render(report))
+    if had_report:
+        _remove_stale_images(output, {img.filename for img in report.images})
     return report
+
+
+#: The image names the report writes (stem.<format>).
+IMAGE_STEMS = ("loss_curves", "entropy_mean", "entropy_layers", "load_balance", "tokens_per_expert",
+               "expert_domain", "transition", "similarity", "metrics_overview")
+
+
+def _remove_stale_images(output: str, written) -> None:
+    """In a folder that already held a report, delete the report's own images that this report did
+    not write again (e.g. expert_domain.png of an earlier run with domains), so the folder matches
+    the page. Only the names in IMAGE_STEMS are touched."""
+    for stem in IMAGE_STEMS:
+        for ext in FORMATS:
+            name = f"{stem}.{ext}"
+            path = os.path.join(output, name)
+            if name not in written and os.path.isfile(path):
+                os.remove(path)
