@@ -114,6 +114,8 @@ def test_single_run_writes_every_plot_and_the_page(single):
     assert set(ALL_IMAGES) == set(build.IMAGE_STEMS)
     html = check_images(rep, out, ALL_IMAGES)
     assert png_size(os.path.join(out, "entropy_mean.png")) == (800, 450)  # 8 x 4.5 in at 100 dpi
+    # 3 layers of 8x8 in one row: 3 panels of 4.76 x 4.66 in + colour bar and title margins
+    assert png_size(os.path.join(out, "similarity.png")) == (1558, 546)
     assert "synthetic-spec" in html
     for section in ("losses", "entropy", "load", "domain", "transition", "similarity"):
         assert f'<section id="{section}">' in html
@@ -143,8 +145,8 @@ def test_two_runs_side_by_side(captured, runs_dir):
     assert 'data-run="synthetic-baseline" data-metric="specialization_loss"' not in html
     # both runs' configs are shown
     assert html.count("<details><summary>") >= 2
-    # the two-run heatmaps are wider than the one-run ones (runs side by side)
-    assert png_size(os.path.join(out, "similarity.png"))[0] > 700
+    # two runs side by side: one row per layer (3), one column per run (2)
+    assert png_size(os.path.join(out, "similarity.png")) == (1082, 1478)
 
 
 def test_several_runs_need_output(runs_dir, capsys):
