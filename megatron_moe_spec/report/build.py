@@ -174,7 +174,8 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
              "Routing entropy, mean over MoE layers")
     if with_layer_entropy and all_layers:
         emit("entropy", plots.plot_layer_lines(with_layer_entropy, all_layers, "routing_entropy",
-                                               "Routing entropy per MoE layer", "H(p) / log E", ylim=(0, 1.02)),
+                                               "Routing entropy per MoE layer", "H(p) / log E", ylim=(0, 1.02),
+                                               colors=colors),
              "entropy_layers", "Routing entropy per MoE layer")
     if not with_entropy and not with_layer_entropy:
         report.omitted["entropy"] = "no run logs routing_entropy"
@@ -183,13 +184,13 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
     # 3. load
     with_load = [r for r in runs if any(plots.load_series(r, l)[0].size for l in per_run_layers[r.name])]
     if with_load:
-        emit("load", plots.plot_load(with_load, all_layers), "load_balance", "Load CV and MaxVio per layer")
+        emit("load", plots.plot_load(with_load, all_layers, colors), "load_balance", "Load CV and MaxVio per layer")
     tokens = {run.name: plots.tokens_panels(run, heat_per_run[run.name]) for run in runs}
     with_tokens = [run for run in runs if tokens[run.name]]
     if with_tokens:
         if heat_note:
             report.notes.setdefault("load", []).append("tokens-per-expert heatmaps: " + heat_note)
-        emit("load", plots.plot_tokens_heatmap(with_tokens, tokens), "tokens_per_expert",
+        emit("load", plots.plot_tokens_heatmap(with_tokens, tokens, colors), "tokens_per_expert",
              "Tokens per expert over steps")
     if not with_load:
         report.omitted["load"] = "no run logs load_cv/max_vio per layer or tokens_per_expert"
@@ -216,7 +217,7 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
             if heat_note:
                 report.notes.setdefault(section, []).append(heat_note)
             fig = plots.plot_heatmaps([r for r in runs if r.name in drawn], panels, title, cbar, vmin, vmax,
-                                      cmap=cmap)
+                                      cmap=cmap, colors=colors)
             emit(section, fig, stem, title)
         if not drawn:
             report.omitted[section] = f"no run logs {field_name} in routing.jsonl" + (

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import matplotlib
+import matplotlib.colors
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
@@ -375,7 +376,7 @@ def plot_entropy_mean(runs: Sequence[Run], colors) -> Figure:
 
 
 def plot_layer_lines(runs: Sequence[Run], layers: Sequence[int], key: str, title: str,
-                     ylabel: str, ylim=None) -> Figure:
+                     ylabel: str, ylim=None, colors=None) -> Figure:
     """One panel per run, one line per MoE layer (``key/layer_i`` from metrics.jsonl)."""
     rows, cols = _grid(len(runs), 3)
     fig = new_figure(4.8 * cols + 1.3, 3.4 * rows + 0.5)
@@ -393,7 +394,7 @@ def plot_layer_lines(runs: Sequence[Run], layers: Sequence[int], key: str, title
                 ax.text(0.5, 0.5, f"no {key}/layer_i logged", transform=ax.transAxes, ha="center", color="0.4")
             if ylim:
                 ax.set_ylim(*ylim)
-            ax.set_title(run.name)
+            ax.set_title(run.name, color=_title_color(colors, run))
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.yaxis.set_tick_params(labelleft=True)
@@ -426,7 +427,7 @@ def plot_overview(runs: Sequence[Run], colors, keys: Sequence[str]) -> Figure:
 
 
 # ---------------------------------------------------------------------- 3. load
-def plot_load(runs: Sequence[Run], layers: Sequence[int]) -> Figure:
+def plot_load(runs: Sequence[Run], layers: Sequence[int], colors=None) -> Figure:
     """Rows: load CV, MaxVio; columns: runs; one line per layer."""
     cols = len(runs)
     fig = new_figure(max(4.6 * cols, 6.0) + 1.3, 6.6)
@@ -442,7 +443,8 @@ def plot_load(runs: Sequence[Run], layers: Sequence[int]) -> Figure:
                 sources.add(src)
                 _plot_curve(axes[0, j], steps, cv, lcolors[layer], smooth=False)
                 _plot_curve(axes[1, j], steps, mv, lcolors[layer], smooth=False)
-            axes[0, j].set_title(run.name + (f"\n(from {', '.join(sorted(sources))})" if sources else ""))
+            axes[0, j].set_title(run.name + (f"\n(from {', '.join(sorted(sources))})" if sources else ""),
+                                 color=_title_color(colors, run))
             for i, ylabel in enumerate(("load CV = std/mean", "MaxVio = max/mean - 1")):
                 axes[i, j].set_ylabel(ylabel)
                 axes[i, j].set_xlabel("step")
@@ -480,6 +482,15 @@ def _layer_run_shape(n_layers: int, n_runs: int, max_cols: int = 4) -> Tuple[int
     return _grid(n_layers, max_cols) if n_runs == 1 else (n_layers, n_runs)
 
 
+def _title_color(colors, run: Run):
+    """Panel titles that name a run are drawn in the run's colour (the same in every figure), made a
+    little darker so that light colours stay legible as text."""
+    if not colors or run.name not in colors:
+        return "black"
+    r, g, b = matplotlib.colors.to_rgb(colors[run.name])
+    return (0.8 * r, 0.8 * g, 0.8 * b)
+
+
 def _panel_title(run: Run, several: bool, text: str) -> str:
     return f"{run.name}: {text}" if several else text
 
@@ -489,7 +500,7 @@ def _empty(ax, text: str):
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.45")
 
 
-def plot_tokens_heatmap(runs: Sequence[Run], data: Dict[str, list]) -> Figure:
+def plot_tokens_heatmap(runs: Sequence[Run], data: Dict[str, list], colors=None) -> Figure:
     """Expert x step heatmaps of tokens per expert / mean; ``data[run name]`` is ``tokens_panels``."""
     layers = sorted({d[0] for v in data.values() for d in v})
     n_experts = max(d[2].shape[0] for v in data.values() for d in v)
@@ -515,7 +526,7 @@ def plot_tokens_heatmap(runs: Sequence[Run], data: Dict[str, list]) -> Figure:
                                      cmap=_cmap("RdBu_r"), norm=norm)
                 ax.set_ylim(ratio.shape[0] - 0.5, -0.5)
                 _index_ticks(ax, ratio.shape[0], "y")
-                ax.set_title(_panel_title(run, several, f"layer {layer}"))
+                ax.set_title(_panel_title(run, several, f"layer {layer}"), color=_title_color(colors, run))
                 ax.set_xlabel("step")
                 ax.set_ylabel("expert")
         cb = _colorbar(fig, mesh, list(cells.values()), rows)
@@ -527,7 +538,8 @@ def plot_tokens_heatmap(runs: Sequence[Run], data: Dict[str, list]) -> Figure:
 
 # ---------------------------------------------------------------------- 4-6. heatmaps
 def plot_heatmaps(runs: Sequence[Run], panels: Dict[str, List[Panel]], title: str, cbar_label: str,
-                  vmin: float, vmax: float, cmap: str = "viridis", annotate: bool = True) -> Figure:
+                  vmin: float, vmax: float, cmap: str = "viridis", annotate: bool = True,
+                  colors=None) -> Figure:
     """Matrix panels with one colour scale shared by every layer and run (NaN cells light gray).
     ``panels[run name]`` lists that run's panels; ``Panel.layer`` places them in the grid."""
     all_panels = [p for ps in panels.values() for p in ps]
@@ -559,7 +571,8 @@ def plot_heatmaps(runs: Sequence[Run], panels: Dict[str, List[Panel]], title: st
                 ax.set_xlabel(panel.col_label)
                 ax.set_ylabel(panel.row_label)
                 text = panel.title + (f" (step {panel.step})" if panel.step is not None else "")
-                ax.set_title(_panel_title(run, several, text) + "".join("\n" + n for n in panel.notes))
+                ax.set_title(_panel_title(run, several, text) + "".join("\n" + n for n in panel.notes),
+                             color=_title_color(colors, run))
                 if annotate and m.shape[0] * m.shape[1] <= 150:
                     for (i, j), v in np.ndenumerate(panel.matrix):
                         if np.isfinite(v):
