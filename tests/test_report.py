@@ -229,8 +229,9 @@ def test_summary_statistics():
     diverged = analysis.last_and_min([1, 2], [2.0, float("nan")])
     assert math.isnan(diverged.last) and diverged.min == 2.0
     assert analysis.fmt(2.345678) == "2.346" and analysis.fmt(3.0) == "3" and analysis.fmt(float("nan")) == "nan"
-    ema = analysis.ema([1.0, float("nan"), 3.0], 0.5)
-    np.testing.assert_allclose(ema, [1.0, 1.0, 2.0])
+    ma = analysis.moving_average([1.0, float("nan"), 3.0, 5.0, 7.0], 3)
+    np.testing.assert_allclose(ma, [1.0, 2.0, 4.0, 5.0, 6.0])  # NaN ignored, shrinking ends, no lag
+    assert analysis.smoothing_window(40) is None and analysis.smoothing_window(2000) == 51
 
 
 # ---------------------------------------------------------------------- missing optional data

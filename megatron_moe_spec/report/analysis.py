@@ -58,26 +58,29 @@ def load_ratio(counts) -> np.ndarray:
         return np.where(mean > 0, c / mean, np.nan)
 
 
-def ema(values, alpha: float) -> np.ndarray:
-    """Exponential moving average (NaNs are carried over, not propagated)."""
+def moving_average(values, window: int) -> np.ndarray:
+    """Centered moving average over ``window`` points (odd), ignoring NaNs; near the ends the window
+    shrinks to the points available. Centered, so the smoothed curve does not lag the raw one."""
     v = np.asarray(values, dtype=float)
-    out = np.empty_like(v)
-    acc = math.nan
-    for i, x in enumerate(v):
-        if math.isnan(x):
-            out[i] = acc
-            continue
-        acc = x if math.isnan(acc) else alpha * x + (1 - alpha) * acc
-        out[i] = acc
-    return out
+    half = max(int(window) // 2, 0)
+    finite = np.isfinite(v)
+    csum = np.concatenate([[0.0], np.cumsum(np.where(finite, v, 0.0))])
+    ccnt = np.concatenate([[0], np.cumsum(finite)])
+    idx = np.arange(v.size)
+    lo = np.clip(idx - half, 0, v.size)
+    hi = np.clip(idx + half + 1, 0, v.size)
+    count = ccnt[hi] - ccnt[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (csum[hi] - csum[lo]) / np.maximum(count, 1), np.nan)
 
 
-def smoothing_alpha(n_points: int) -> Optional[float]:
-    """The EMA weight used for a curve of n points: None (no smoothing) for short curves, else a
-    window of about n/20 points."""
-    if n_points < 40:
+def smoothing_window(n_points: int) -> Optional[int]:
+    """The moving-average window used for a curve of n points: None (no smoothing) below 60 points,
+    else an odd window of about n/40 points (at least 5)."""
+    if n_points < 60:
         return None
-    return 2.0 / (n_points / 20.0 + 1.0)
+    w = max(5, n_points // 40)
+    return w if w % 2 else w + 1
 
 
 # ---------------------------------------------------------------------- summary table

@@ -248,18 +248,23 @@ def _axes_grid(fig: Figure, n: int, max_cols: int, **kw):
     return list(axes[:n])
 
 
-def _plot_curve(ax, x, y, color, linestyle="-", marker=None, label=None, smooth=True):
-    """A curve; long noisy curves are drawn raw (faint) plus an EMA (solid)."""
+def _plot_curve(ax, x, y, color, linestyle="-", marker=None, label=None, smooth=True, raw=True):
+    """A curve; long noisy curves are drawn raw (faint; left out with ``raw=False``, for plots with
+    one line per layer) plus a centered moving average (solid). Markers only while there are few
+    points."""
     ok = np.isfinite(y)
     x, y = x[ok], y[ok]
     if not x.size:
         return
-    alpha = analysis.smoothing_alpha(len(y)) if smooth else None
-    if alpha is None:
+    window = analysis.smoothing_window(len(y)) if smooth else None
+    if marker is not None and len(y) > 40:
+        marker = None
+    if window is None:
         ax.plot(x, y, color=color, linestyle=linestyle, marker=marker, markersize=3.5, lw=1.6, label=label)
     else:
-        ax.plot(x, y, color=color, linestyle=linestyle, lw=0.8, alpha=0.3)
-        ax.plot(x, analysis.ema(y, alpha), color=color, linestyle=linestyle, lw=1.8, label=label)
+        if raw:
+            ax.plot(x, y, color=color, linestyle=linestyle, lw=0.8, alpha=0.3)
+        ax.plot(x, analysis.moving_average(y, window), color=color, linestyle=linestyle, lw=1.8, label=label)
 
 
 def _run_legend(fig: Figure, runs: Sequence[Run], colors, extra: Sequence[Line2D] = ()):
@@ -270,6 +275,13 @@ def _run_legend(fig: Figure, runs: Sequence[Run], colors, extra: Sequence[Line2D
         ncols=min(len(handles), 4),
         frameon=False,
     )
+
+
+def _layer_legend(fig: Figure, handles):
+    """The per-layer legend, right of the panels, vertically centred (clear of the title); several
+    columns when there are many layers."""
+    fig.legend(handles=handles, loc="outside right center", title="MoE layer", frameon=False,
+               ncols=int(math.ceil(len(handles) / 12)))
 
 
 def _step_edges(steps: np.ndarray) -> np.ndarray:
@@ -353,7 +365,7 @@ def plot_losses(runs: Sequence[Run], colors) -> Figure:
             extra = [Line2D([], [], color="0.3", lw=1.8, label="train"),
                      Line2D([], [], color="0.3", lw=1.6, ls="--", marker="o", ms=3.5, label="validation")]
         _run_legend(fig, runs, colors, extra)
-        fig.suptitle("Losses over training steps (long curves: faint = raw, solid = EMA)")
+        fig.suptitle("Losses over training steps (long curves: faint = raw, solid = centered moving average)")
     return fig
 
 
@@ -364,7 +376,7 @@ def plot_entropy_mean(runs: Sequence[Run], colors) -> Figure:
         ax = fig.subplots()
         for run in runs:
             x, y = run.series("routing_entropy")
-            _plot_curve(ax, x, y, colors[run.name], label=run.name, smooth=False)
+            _plot_curve(ax, x, y, colors[run.name], label=run.name)
         ax.set_ylim(0, 1.02)
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
         ax.text(ax.get_xlim()[0], 1.0, " uniform routing", va="bottom", ha="left", fontsize=8, color="0.4")
@@ -388,7 +400,7 @@ def plot_layer_lines(runs: Sequence[Run], layers: Sequence[int], key: str, title
             for layer in layers:
                 x, y = run.series(f"{key}/layer_{layer}")
                 if x.size:
-                    _plot_curve(ax, x, y, lcolors[layer], smooth=False)
+                    _plot_curve(ax, x, y, lcolors[layer], raw=False)
                     drawn += 1
             if not drawn:
                 ax.text(0.5, 0.5, f"no {key}/layer_i logged", transform=ax.transAxes, ha="center", color="0.4")
@@ -399,7 +411,7 @@ def plot_layer_lines(runs: Sequence[Run], layers: Sequence[int], key: str, title
             ax.set_ylabel(ylabel)
             ax.yaxis.set_tick_params(labelleft=True)
         handles = [Line2D([], [], color=lcolors[l], lw=2.5, label=f"layer {l}") for l in layers]
-        fig.legend(handles=handles, loc="outside right upper", title="MoE layer", frameon=False)
+        _layer_legend(fig, handles)
         fig.suptitle(title)
     return fig
 
@@ -413,7 +425,7 @@ def plot_overview(runs: Sequence[Run], colors, keys: Sequence[str]) -> Figure:
         for ax, key in zip(axes, keys):
             for run in runs:
                 x, y = run.series(key)
-                _plot_curve(ax, x, y, colors[run.name], smooth=False)
+                _plot_curve(ax, x, y, colors[run.name])
             ax.set_title(LABELS.get(key, key))
             ax.set_xlabel("step")
             ax.set_ylabel(UNITS.get(key, "value"))
@@ -441,8 +453,8 @@ def plot_load(runs: Sequence[Run], layers: Sequence[int], colors=None) -> Figure
                 if not steps.size:
                     continue
                 sources.add(src)
-                _plot_curve(axes[0, j], steps, cv, lcolors[layer], smooth=False)
-                _plot_curve(axes[1, j], steps, mv, lcolors[layer], smooth=False)
+                _plot_curve(axes[0, j], steps, cv, lcolors[layer], raw=False)
+                _plot_curve(axes[1, j], steps, mv, lcolors[layer], raw=False)
             axes[0, j].set_title(run.name + (f"\n(from {', '.join(sorted(sources))})" if sources else ""),
                                  color=_title_color(colors, run))
             for i, ylabel in enumerate(("load CV = std/mean", "MaxVio = max/mean - 1")):
@@ -455,7 +467,7 @@ def plot_load(runs: Sequence[Run], layers: Sequence[int], colors=None) -> Figure
         for ax in axes[:, 0]:  # after all runs are drawn: the rows share y
             ax.set_ylim(bottom=0)
         handles = [Line2D([], [], color=lcolors[l], lw=2.5, label=f"layer {l}") for l in layers]
-        fig.legend(handles=handles, loc="outside right upper", title="MoE layer", frameon=False)
+        _layer_legend(fig, handles)
         fig.suptitle("Load imbalance of tokens per expert (0 = perfectly balanced)")
     return fig
 

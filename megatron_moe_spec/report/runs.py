@@ -11,6 +11,7 @@ that carries them.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -97,7 +98,7 @@ class Run:
                     layers.add(int(m.group("layer")))
         return sorted(layers)
 
-    @property
+    @functools.cached_property
     def moe_layers(self) -> List[int]:
         """Every MoE layer index seen in routing.jsonl or as ``*/layer_i`` in metrics.jsonl."""
         layers = set(self.tokens_per_expert)
@@ -277,9 +278,10 @@ def _read_routing(path: str, run: Run) -> None:
                 continue
             any_record = True
             for key, entry in layers.items():
-                try:
-                    layer = int(key)
-                except ValueError:
+                m = re.fullmatch(r"(?:layer_?)?(\d+)", str(key))
+                if m:
+                    layer = int(m.group(1))
+                else:
                     run.warnings.append(f"{path}:{lineno}: skipped layer key {key!r}")
                     continue
                 if not isinstance(entry, dict):
