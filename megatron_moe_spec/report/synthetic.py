@@ -102,7 +102,7 @@ def write_synthetic_run(path: str, spec: Optional[SyntheticSpec] = None, **overr
     try:
         for step in range(spec.log_interval, spec.train_steps + 1, spec.log_interval):
             progress = 1.0 - math.exp(-step / (spec.train_steps / 4))
-            sharp = 0.5 + (1.8 if sp else 0.9) * progress
+            sharp = 0.3 + (2.0 if sp else 0.4) * progress
             domain_t = rng.integers(0, n_dom, T)
             latent_t = rng.normal(0, 1.0, (T, E))  # shared by all layers: what coupling aligns
             rec: Dict[str, float] = {"step": step}
@@ -115,7 +115,7 @@ def write_synthetic_run(path: str, spec: Optional[SyntheticSpec] = None, **overr
                 per_layer.setdefault(name, {})[layer] = float(value)
 
             for l in moe:
-                coupling = (2.2 if sp else 0.3) * progress
+                coupling = (1.0 if sp else 0.3) * progress
                 logits = (
                     sharp * affinity[l][domain_t]
                     + popularity[l][None, :] * (1.0 - 0.8 * progress)
