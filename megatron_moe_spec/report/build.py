@@ -27,8 +27,10 @@ class Section:
 #: The sections of the page, in order (the summary table and the configs come first, in html.py).
 SECTIONS = (
     Section("losses", "Loss curves",
-            "LM loss (solid: train, dashed with dots: validation) and every auxiliary loss that is logged, "
-            "as the mean over MoE layers. Each run has one colour in every figure."),
+            "LM loss (solid: train, dashed: validation), the LM loss over the second half of training on a "
+            "linear scale (where runs differ), and every auxiliary loss that is logged, as the mean over MoE "
+            "layers. Long curves: faint = raw, solid = centered moving average. Each run has one colour in "
+            "every figure."),
     Section("entropy", "Routing entropy",
             "Normalized entropy of the router's pre-top-k distribution, mean over tokens: 1 = uniform over "
             "all experts, 0 = all mass on one expert. Falling entropy means more decisive routing. The second "

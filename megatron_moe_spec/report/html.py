@@ -110,8 +110,9 @@ def _summary_table(report: Report, colors) -> List[str]:
     table = analysis.summary(runs)
     out = ['<section id="summary"><h2>Summary</h2>',
            '<p class="how">Last logged value and minimum over the run of each metric (mean over MoE layers for '
-           "per-layer quantities). Hover a cell for its step. Bold: the best last value across runs where "
-           "lower or higher is clearly better.</p>",
+           "per-layer quantities). Hover a cell for its step."
+           + (" Bold: the best last value across runs where lower or higher is clearly better." if len(runs) > 1
+              else "") + "</p>",
            '<table class="summary"><thead><tr><th rowspan="2">metric</th>']
     for run in runs:
         out.append(f'<th colspan="2"><span class="swatch" style="background:{colors[run.name]}"></span>'
