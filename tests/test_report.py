@@ -350,3 +350,21 @@ def test_module_entry_point(runs_dir, tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     assert isinstance(report_cmd.HELP, str) and report_cmd.HELP
+
+
+def test_nan_null_and_partial_metrics(tmp_path):
+    run_dir = tmp_path / "diverged"
+    run_dir.mkdir()
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for s in range(1, 50):
+            rec = {"step": s, "lm_loss": float("nan") if s > 45 else 10 / s, "routing_entropy": None,
+                   "load_cv/layer_3": 0.2}
+            f.write(json.dumps(rec) + "\n")  # json writes NaN, as Python's logger would
+        f.write('{"step": 50, "lm_loss": Infinity}\n')
+    rep = build.generate_report([str(run_dir)])
+    out = str(run_dir / "report")
+    html = check_images(rep, out, {"loss_curves", "load_balance"})  # null entropy: no entropy plot
+    assert "entropy" in rep.omitted
+    cell = re.search(r'data-metric="lm_loss" data-stat="last"[^>]*>([^<]+)<', html).group(1)
+    assert cell == "inf"  # the diverged end is reported, not hidden
+    assert summary_cell(html, "diverged", "lm_loss", "min") == pytest.approx(10 / 45, rel=1e-3)

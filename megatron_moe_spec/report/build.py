@@ -184,7 +184,7 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
     missing_note("entropy", [r.name for r in runs if r not in with_entropy], "routing_entropy")
 
     # 3. load
-    with_load = [r for r in runs if any(plots.load_series(r, l)[0].size for l in per_run_layers[r.name])]
+    with_load = [r for r in runs if any(plots.load_series(r, l) for l in per_run_layers[r.name])]
     if with_load:
         emit("load", plots.plot_load(with_load, all_layers, colors), "load_balance", "Load CV and MaxVio per layer")
     tokens = {run.name: plots.tokens_panels(run, heat_per_run[run.name]) for run in runs}

@@ -206,17 +206,19 @@ def tokens_panels(run: Run, layers: Sequence[int]) -> List[Tuple[int, np.ndarray
     return out
 
 
-def load_series(run: Run, layer: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """(steps, CV, MaxVio, source) for one layer: from metrics.jsonl (``load_cv/layer_i``,
-    ``max_vio/layer_i``) when logged, else computed from routing.jsonl ``tokens_per_expert``."""
-    s_cv, cv = run.series(f"load_cv/layer_{layer}")
-    s_mv, mv = run.series(f"max_vio/layer_{layer}")
-    if cv.size and mv.size and np.array_equal(s_cv, s_mv):
-        return s_cv, cv, mv, "metrics.jsonl"
-    steps, counts = run.tokens_matrix(layer)
-    if steps.size:
-        return steps, analysis.load_cv(counts), analysis.max_vio(counts), "routing.jsonl"
-    return np.zeros(0), np.zeros(0), np.zeros(0), ""
+def load_series(run: Run, layer: int) -> Dict[str, Tuple[np.ndarray, np.ndarray, str]]:
+    """{"load_cv": (steps, values, source), "max_vio": (...)} for one layer: each from metrics.jsonl
+    (``load_cv/layer_i``, ``max_vio/layer_i``) when logged, else computed from routing.jsonl
+    ``tokens_per_expert``; a quantity with neither is left out."""
+    steps_c, counts = run.tokens_matrix(layer)
+    out = {}
+    for key, compute in (("load_cv", analysis.load_cv), ("max_vio", analysis.max_vio)):
+        steps, values = run.series(f"{key}/layer_{layer}")
+        if values.size and np.isfinite(values).any():
+            out[key] = (steps, values, "metrics.jsonl")
+        elif steps_c.size:
+            out[key] = (steps_c, compute(counts), "routing.jsonl")
+    return out
 
 
 # ---------------------------------------------------------------------- figure helpers
@@ -342,9 +344,9 @@ def plot_losses(runs: Sequence[Run], colors) -> Figure:
             if key == "lm_loss":
                 ax.set_title("LM loss")
                 ax.set_ylabel("loss (nats / token)")
-                lo = min((np.nanmin(r.series(key)[1]) for r in runs if r.has(key)), default=1.0)
-                hi = max((np.nanmax(r.series(key)[1]) for r in runs if r.has(key)), default=1.0)
-                if lo > 0 and hi / lo > 3:
+                values = np.concatenate([r.series(key)[1] for r in runs] + [np.zeros(0)])
+                values = values[np.isfinite(values)]
+                if values.size and values.min() > 0 and values.max() / values.min() > 3:
                     ax.set_yscale("log")
                     ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)))
                     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -449,12 +451,9 @@ def plot_load(runs: Sequence[Run], layers: Sequence[int], colors=None) -> Figure
         for j, run in enumerate(runs):
             sources = set()
             for layer in layers:
-                steps, cv, mv, src = load_series(run, layer)
-                if not steps.size:
-                    continue
-                sources.add(src)
-                _plot_curve(axes[0, j], steps, cv, lcolors[layer], raw=False)
-                _plot_curve(axes[1, j], steps, mv, lcolors[layer], raw=False)
+                for key, (steps, values, src) in load_series(run, layer).items():
+                    sources.add(src)
+                    _plot_curve(axes[0 if key == "load_cv" else 1, j], steps, values, lcolors[layer], raw=False)
             axes[0, j].set_title(run.name + (f"\n(from {', '.join(sorted(sources))})" if sources else ""),
                                  color=_title_color(colors, run))
             for i, ylabel in enumerate(("load CV = std/mean", "MaxVio = max/mean - 1")):

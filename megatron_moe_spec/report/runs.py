@@ -86,7 +86,8 @@ class Run:
         return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
     def has(self, key: str) -> bool:
-        return any(key in rec for rec in self.metrics)
+        """True when some record logs ``key`` with a value (not null)."""
+        return any(rec.get(key) is not None for rec in self.metrics)
 
     def metric_layers(self, name: str) -> List[int]:
         """Layers that log ``name/layer_i`` in metrics.jsonl, sorted."""
