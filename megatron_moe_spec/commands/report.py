@@ -12,6 +12,7 @@ HELP = "plots (PNG) and an HTML report from one run directory, or several side b
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+MAX_WARNINGS = 10  # per run, on stderr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +38,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"megatron-moe-spec report: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     for run in report.runs:
-        for warning in run.warnings:
+        for warning in run.warnings[:MAX_WARNINGS]:
             print(f"megatron-moe-spec report: warning: {run.name}: {warning}", file=sys.stderr)
+        if len(run.warnings) > MAX_WARNINGS:
+            print(f"megatron-moe-spec report: warning: {run.name}: ... and {len(run.warnings) - MAX_WARNINGS} "
+                  "more (all of them are listed at the end of report.html)", file=sys.stderr)
     for key, why in report.omitted.items():
         print(f"megatron-moe-spec report: section {key!r} omitted: {why}", file=sys.stderr)
     print(f"wrote {len(report.images)} images and {report.html_path}")
