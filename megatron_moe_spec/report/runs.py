@@ -34,19 +34,6 @@ AUX_LOSSES = (
     "orthogonality_loss",
     "variance_loss",
 )
-#: Routing metrics (docs/design.md; meanings in the spec, section Metrics).
-METRICS = (
-    "routing_entropy",
-    "topk_mass",
-    "load_cv",
-    "max_vio",
-    "dead_experts",
-    "token_expert_mi",
-    "coactivation",
-    "activation_similarity",
-    "pathway_nmi",
-    "domain_mi",
-)
 #: The routing.jsonl matrices that are kept for the last step that has them.
 MATRICES = ("transition", "similarity", "expert_domain")
 
@@ -72,7 +59,6 @@ class Run:
     """layer -> [(step, counts[E])] in step order, from routing.jsonl."""
     last_matrices: Dict[str, Dict[int, Tuple[int, np.ndarray]]] = field(default_factory=dict)
     """matrix name -> layer -> (step, matrix) of the latest step that carries it."""
-    has_routing: bool = False
     warnings: List[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ metrics
@@ -264,7 +250,6 @@ def _read_jsonl(path: str, warnings: List[str]):
 def _read_routing(path: str, run: Run) -> None:
     tokens: Dict[int, Dict[int, np.ndarray]] = {}
     last: Dict[str, Dict[int, Tuple[int, np.ndarray]]] = {name: {} for name in MATRICES}
-    any_record = False
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
@@ -277,7 +262,6 @@ def _read_routing(path: str, run: Run) -> None:
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 run.warnings.append(f"{path}:{lineno}: skipped a malformed line")
                 continue
-            any_record = True
             for key, entry in layers.items():
                 m = re.fullmatch(r"(?:layer_?)?(\d+)", str(key))
                 if m:
@@ -300,7 +284,6 @@ def _read_routing(path: str, run: Run) -> None:
                     prev = last[name].get(layer)
                     if prev is None or step >= prev[0]:
                         last[name][layer] = (step, arr)
-    run.has_routing = any_record
     run.tokens_per_expert = {
         layer: [(s, per_step[s]) for s in sorted(per_step)] for layer, per_step in tokens.items()
     }
