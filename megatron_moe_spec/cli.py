@@ -22,6 +22,7 @@ from typing import List, Optional
 SUBCOMMANDS = {
     "validate": "megatron_moe_spec.commands.validate",
     "prepare-data": "megatron_moe_spec.commands.prepare_data",
+    "report": "megatron_moe_spec.commands.report",
 }
 
 EXIT_CONFIG_ERROR = 2
