@@ -793,6 +793,13 @@ def _check_cross_fields(cfg: RunConfig, check_paths: bool) -> None:
     if m.resolved_ffn_hidden_size % p.tp != 0:
         raise _err("parallel.tp", f"tp={p.tp} does not divide the dense FFN width "
                    f"{m.resolved_ffn_hidden_size} (model.ffn_hidden_size); change one of them")
+    if m.is_moe and p.resolved_etp != p.tp and p.ep == 1:
+        # megatron-core marks expert weights as expert-parallel (allreduce=False) only when ep > 1;
+        # with ep=1 DDP averages the different ETP shards over the data-parallel group (checked on
+        # megatron-core 0.16.1: tests/test_megatron_parity.py, docs/parallelism.md).
+        raise _err("parallel.etp", f"etp={p.resolved_etp} differs from tp={p.tp} with ep=1: megatron-core then "
+                   "all-reduces the expert weight shards as if they were dense weights, which corrupts "
+                   "their gradients; use ep > 1 with etp != tp, or leave etp unset (= tp)")
     if m.num_layers % p.pp != 0:
         raise _err("parallel.pp", f"pp={p.pp} does not divide model.num_layers {m.num_layers} "
                    f"(uneven pipeline stages are not supported here); change parallel.pp or num_layers")

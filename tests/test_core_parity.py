@@ -67,8 +67,11 @@ LAYOUTS = [
     ("ep2_alltoall", VANILLA, ALL_LOSSES, 2, ParallelSizes(ep=2), 2),
     ("ep2_allgather", VANILLA.replace(moe_token_dispatcher_type="allgather"), ALL_LOSSES, 2, ParallelSizes(ep=2), 2),
     ("tp2_ep2", VANILLA, ALL_LOSSES, 4, ParallelSizes(tp=2, ep=2), 2),
-    # ETP != TP (e.g. tp=1, etp=2): stock megatron-core already differs from one process in this
-    # harness (expert gradients only; see docs/parallelism.md), so that layout is not listed yet.
+    # Expert tensor parallelism: F split over 2 ranks (tp=1, so etp != tp, which megatron-core
+    # supports together with ep > 1; with ep=1 it all-reduces the shards as dense weights).
+    ("ep2_etp2_alltoall", VANILLA, ALL_LOSSES, 4, ParallelSizes(ep=2, etp=2), 4),
+    ("ep2_etp2_allgather", VANILLA.replace(moe_token_dispatcher_type="allgather"), ALL_LOSSES, 4,
+     ParallelSizes(ep=2, etp=2), 4),
     ("dp2_microbatches2", VANILLA.replace(num_microbatches=2), ALL_LOSSES, 2, ParallelSizes(), 2),
     ("pp2_1f1b", VANILLA.replace(num_microbatches=4), NO_CP, 2, ParallelSizes(pp=2), 1),
     ("full_recompute_ep2", VANILLA.replace(recompute_granularity="full", recompute_method="uniform",

@@ -441,6 +441,8 @@ ERROR_CASES = {
                              "specialization.sp_coeff=0", "specialization.cp_coeff=0",
                              "specialization.metrics=false", "parallel.ep=2"], "parallel.ep", ["needs an MoE model"]),
     "etp does not divide expert width": (["parallel.etp=3"], "parallel.etp", ["does not divide the expert width 128"]),
+    "etp != tp needs ep > 1": (["parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "parallel.etp=2"],
+                               "parallel.etp", ["etp=2 differs from tp=1 with ep=1", "use ep > 1"]),
     "tp does not divide heads": (["parallel.tp=3", "parallel.sp=true", "parallel.etp=1"], "parallel.tp",
                                  ["does not divide model.num_attention_heads 4"]),
     "tp vs query groups": (["model.num_attention_heads=12", "model.kv_channels=16", "model.num_query_groups=6",
