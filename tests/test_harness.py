@@ -67,10 +67,11 @@ def test_a_raising_rank_fails_loudly_with_its_traceback():
 
 
 def test_a_hanging_rank_times_out_and_names_the_rank():
+    # The timeout leaves rank 0 ample time to start up (spawn + imports) on a loaded 2-core machine.
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"ranks \[1\] did not finish"):
-        run_distributed(hang_on_rank_one, 2, timeout=20)
-    assert time.monotonic() - start < 60
+    with pytest.raises(TimeoutError, match=r"ranks \[1\] did not finish within 45s"):
+        run_distributed(hang_on_rank_one, 2, timeout=45)
+    assert time.monotonic() - start < 100
 
 
 def train_step_with_broken_tp_reduction(settings, initial_params):

@@ -79,3 +79,35 @@ def register_loss_names(names, num_layers: int, reduce_group, device=None) -> No
 
 def _tracker_device():
     return torch.cuda.current_device() if torch.cuda.is_available() else torch.device("cpu")
+
+
+def reduce_tracker(names=None, num_layers: int = None):
+    """megatron's ``reduce_aux_losses_tracker_across_ranks`` made safe for any pipeline layout.
+
+    megatron reduces its MoE tracker name by name over the pipeline group; a stage that never
+    recorded a name (a stage without MoE layers lacks even ``load_balancing_loss``) would skip that
+    collective and hang the others. This first agrees on the union of the names across all ranks
+    (one ``all_gather_object``), creates the missing ones as zeros, then calls megatron's reduction.
+    Returns the reduced tracker (``{name: {"values": [num_layers] tensor, ...}}``). A collective.
+    """
+    from megatron.core.transformer.moe.moe_utils import (
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    local = sorted(names if names is not None else tracker.keys())
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, local)
+        union = sorted(set().union(*everyone))
+    else:
+        union = local
+    if num_layers is None:
+        num_layers = max((len(v["values"]) for v in tracker.values()), default=0)
+    for name in union:
+        if name not in tracker:
+            tracker[name] = {"values": torch.zeros(num_layers, device=_tracker_device()),
+                             "reduce_group": None, "avg_group": None, "reduce_group_has_dp": False}
+    reduce_aux_losses_tracker_across_ranks(union)
+    return {name: tracker[name] for name in union}

@@ -109,11 +109,11 @@ def build_transformer_config(settings: TinyGPTSettings):
     return TransformerConfig(**kwargs)
 
 
-def default_layer_spec(config):
+def default_layer_spec(config, vp_stage=None):
     """megatron-core's own GPT block spec with local (non-TE) modules."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    return get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage)
 
 
 def build_model(config, settings: TinyGPTSettings, layer_spec_fn: Callable = default_layer_spec,
@@ -128,10 +128,7 @@ def build_model(config, settings: TinyGPTSettings, layer_spec_fn: Callable = def
     for vp_stage in range(vpp):
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        try:
-            spec = layer_spec_fn(config, vp_stage=vp_stage)
-        except TypeError:
-            spec = layer_spec_fn(config)
+        spec = layer_spec_fn(config, vp_stage=vp_stage if vpp > 1 else None)
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -355,7 +352,7 @@ def train_step_result(settings: TinyGPTSettings, layer_spec_fn: Callable = defau
         "lm_loss": float(totals[0] / totals[1]),
         "grads": gather_full_tensors(chunks, "grad"),
         "params": params,
-        "tracker": tracker_values(settings.num_microbatches),
+        "tracker": tracker_values(settings.num_microbatches, config.num_layers),
         "metrics": _report_metrics(),
     }
 
@@ -371,22 +368,18 @@ def _register_metrics(config, layer_spec_fn) -> None:
     layer_metrics.register_layers(moe_layer_numbers(config), config.num_moe_experts)
 
 
-def tracker_values(num_microbatches: int) -> Dict[str, List[float]]:
-    """megatron's MoE tracker after its own cross-rank reduction, per micro-batch, then cleared.
+def tracker_values(num_microbatches: int, num_layers: int = None) -> Dict[str, List[float]]:
+    """megatron's MoE tracker after the cross-rank reduction, per micro-batch, then cleared.
 
     Every rank must call this (the reduction is a collective). ``z_loss`` is left out: megatron-core
     0.16 records it without a reduce group, so its logged value differs across TP ranks.
     """
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
-        reduce_aux_losses_tracker_across_ranks,
-    )
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    tracker = get_moe_layer_wise_logging_tracker()
-    names = sorted(n for n in tracker if n != "z_loss")
-    reduce_aux_losses_tracker_across_ranks(names)
-    values = {n: (tracker[n]["values"].double() / num_microbatches).tolist() for n in names}
+    from megatron_moe_spec.core.aux_losses import reduce_tracker
+
+    reduced = reduce_tracker(num_layers=num_layers)
+    values = {n: (v["values"].double() / num_microbatches).tolist() for n, v in reduced.items() if n != "z_loss"}
     clear_aux_losses_tracker()
     return values
 
