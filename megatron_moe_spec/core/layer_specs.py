@@ -57,8 +57,23 @@ def get_moe_block_spec(config, spec_config: Optional[SpecializationConfig] = Non
         use_transformer_engine = have_transformer_engine()
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
                                        vp_stage=vp_stage, pp_rank=pp_rank)
+    return specialize_block_spec(block, config, spec_config, checked=True)
+
+
+def specialize_block_spec(block: TransformerBlockSubmodules, config,
+                          spec_config: Optional[SpecializationConfig] = None,
+                          checked: bool = False) -> TransformerBlockSubmodules:
+    """Substitute the losses into an already built decoder-block spec (e.g. Megatron-LM's own).
+
+    Returns ``block`` unchanged when ``spec_config`` is off. Otherwise checks the combination
+    (unless ``checked``), substitutes every layer spec and registers the enabled loss names in
+    megatron's tracker on this rank (see ``aux_losses.register_loss_names``).
+    """
+    spec_config = spec_config if spec_config is not None else SpecializationConfig()
     if not spec_config.enabled:
         return block
+    if not checked:
+        check_compatibility(config, spec_config)
     layer_specs = [substitute_layer_spec(s, spec_config) for s in block.layer_specs]
     aux_losses.register_loss_names(enabled_loss_names(spec_config),
                                    config.num_layers + (config.mtp_num_layers or 0),
