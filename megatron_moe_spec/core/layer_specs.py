@@ -14,6 +14,7 @@ returned unchanged: off means stock megatron-core, bit for bit and at no cost.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import List, Optional
 
@@ -119,6 +120,12 @@ def substitute_layer_spec(layer_spec: ModuleSpec, spec_config: SpecializationCon
             submodules=dataclasses.replace(moe_submodules, router=SpecializationRouter),
             params={**(mlp.params or {}), "spec_config": spec_config},
         )
+        submodules = dataclasses.replace(submodules, mlp=mlp)
+    elif isinstance(mlp, functools.partial) and mlp.func is MoELayer:
+        # megatron-core >= 0.19 specs the MoE layer as functools.partial(MoELayer, submodules=...).
+        keywords = dict(mlp.keywords)
+        keywords["submodules"] = dataclasses.replace(keywords["submodules"], router=SpecializationRouter)
+        mlp = functools.partial(SpecializationMoELayer, *mlp.args, spec_config=spec_config, **keywords)
         submodules = dataclasses.replace(submodules, mlp=mlp)
     return dataclasses.replace(layer_spec, module=SpecializationTransformerLayer, submodules=submodules)
 
