@@ -357,6 +357,10 @@ def test_one_training_step_through_the_hooks(run_args):
     for chunk in chunks:
         megatron_lm.register_model(chunk.module)
     assert len(megatron_lm._STATE.layers) == 4
+    # megatron keeps the aux-loss backward scale in a class attribute; another test in this process
+    # may have left one of a different shape.
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     run_step(chunks, config, local_microbatches(settings), settings)
 
     names = megatron_lm.track_names(args)
@@ -536,3 +540,26 @@ def test_apply_script_refuses_a_non_megatron_dir_clearly(tmp_path):
     r = subprocess.run(["bash", script, str(tmp_path), "core_v0.16.1"], capture_output=True, text=True)
     assert r.returncode == 1 and "does not apply cleanly" in r.stderr
     assert open(tmp_path / "pretrain_gpt.py").read() == "print('not the real one')\n"  # untouched
+
+
+def test_moe_layer_given_as_a_partial_is_substituted_too(megatron_single_process):
+    # megatron-core 0.19 (Megatron-LM core_v0.19.0) specs the MoE layer as
+    # functools.partial(MoELayer, submodules=MoESubmodules(...)) instead of a ModuleSpec.
+    import dataclasses
+    import functools
+
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron_moe_spec.core.layer_specs import substitute_layer_spec
+    from megatron_moe_spec.core.moe_layer import SpecializationMoELayer
+    from megatron_moe_spec.core.router import SpecializationRouter
+
+    layer = stock_block(tiny_config()).layer_specs[0]
+    mlp = layer.submodules.mlp
+    as_partial = functools.partial(MoELayer, submodules=mlp.submodules)
+    layer = dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mlp=as_partial))
+    spec_config = SpecializationConfig(sp_coeff=1e-3)
+    out = substitute_layer_spec(layer, spec_config).submodules.mlp
+    assert isinstance(out, functools.partial) and out.func is SpecializationMoELayer
+    assert out.keywords["spec_config"] is spec_config
+    assert out.keywords["submodules"].router is SpecializationRouter
+    assert out.keywords["submodules"].experts is mlp.submodules.experts
