@@ -563,3 +563,51 @@ def test_moe_layer_given_as_a_partial_is_substituted_too(megatron_single_process
     assert out.keywords["spec_config"] is spec_config
     assert out.keywords["submodules"].router is SpecializationRouter
     assert out.keywords["submodules"].experts is mlp.submodules.experts
+
+
+# ------------------------------------------------------------ pipeline stage without MoE layers
+def _pp_stage_without_moe_layers():
+    """One rank of PP=2 where stage 0 (layers 1-2) has no MoE layer: the hook registers our tracker
+    names and metrics layers there too, so megatron's per-name PP all-reduce and our report() agree."""
+    from megatron.core.transformer.moe.moe_utils import (
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+    from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, build_model, local_microbatches, run_step
+
+    args = parse("--moe-spec-sp-coeff", "2e-3", "--moe-spec-cp-coeff", "1e-3", "--moe-spec-metrics")
+    args.moe_router_load_balancing_type, args.moe_z_loss_coeff = "none", None
+    megatron_lm.reset_state()
+    megatron_lm._megatron_args = lambda: args
+    settings = TinyGPTSettings(num_moe_experts=4, moe_layer_freq=[0, 0, 1, 1], moe_router_load_balancing_type="none",
+                               moe_aux_loss_coeff=0.0, num_microbatches=2)
+    config = tiny_config(moe_layer_freq=[0, 0, 1, 1], moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                         num_microbatches=2)
+    chunks = build_model(config, settings, layer_spec_fn=lambda c, vp_stage=None: megatron_lm.specialize_layer_spec(
+        stock_block(c, vp_stage), c, vp_stage))
+    for chunk in chunks:
+        megatron_lm.register_model(chunk.module)
+    names = megatron_lm.track_names(args)
+    registered = sorted(n for n in names if n in get_moe_layer_wise_logging_tracker())
+    run_step(chunks, config, local_microbatches(settings), settings)
+    reduce_aux_losses_tracker_across_ranks(names)  # what track_moe_metrics does first: per name, PP all-reduce
+    tracker = get_moe_layer_wise_logging_tracker()
+    values = {n: tracker[n]["values"].tolist() for n in names}
+    scalars = megatron_lm.log_specialization_metrics(1, None, None)  # report(): one all-reduce over the world
+    return {"names": names, "registered_before_step": registered, "values": values, "scalars": scalars}
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(300)
+def test_pipeline_stage_without_moe_layers_reduces_with_the_others():
+    from megatron_moe_spec.testing.distributed import ParallelSizes, run_distributed
+
+    stage0, stage1 = run_distributed(_pp_stage_without_moe_layers, world_size=2, parallel=ParallelSizes(pp=2),
+                                     timeout=240)
+    assert stage0["names"] == ["specialization_loss", "coupling_loss"]
+    assert stage0["registered_before_step"] == stage1["registered_before_step"] == sorted(stage0["names"])
+    assert stage0["values"] == stage1["values"]
+    sp, cp = stage0["values"]["specialization_loss"], stage0["values"]["coupling_loss"]
+    assert sp[0] == sp[1] == 0 and sp[2] != 0 and sp[3] != 0  # layers 3, 4 are the MoE layers
+    assert cp[2] != 0 and cp[0] == cp[1] == cp[3] == 0  # the one pair (3, 4), indexed by layer 3
+    assert stage0["scalars"] == stage1["scalars"] and stage0["scalars"]["moe/routing_entropy"] > 0
