@@ -63,7 +63,23 @@ def register_loss_names(names, num_layers: int, reduce_group, device=None) -> No
     megatron reduces the tracker over pipeline stages name by name; a stage that never recorded a
     name would skip that collective and hang the others. Every rank therefore registers every
     enabled name when the model is built, whether or not its stage has MoE layers.
+
+    megatron-core >= 0.18 keeps the tracker in ``moe_logging.MoEMetricsTracker`` and its legacy
+    ``get_moe_layer_wise_logging_tracker()`` returns a fresh dict copy (writing into it would
+    register nothing), so the entries are created through the new tracker there.
     """
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:  # megatron-core < 0.18: the module-level dict is the tracker
+        get_moe_metrics_tracker = None
+    if get_moe_metrics_tracker is not None:
+        metrics_tracker = get_moe_metrics_tracker()
+        for name in names:
+            if name not in metrics_tracker.metrics:
+                metrics_tracker.ensure_initialized(name, num_layers, device=device or _tracker_device())
+                metrics_tracker.metrics[name].reduce_group = reduce_group
+        return
+
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     tracker = get_moe_layer_wise_logging_tracker()

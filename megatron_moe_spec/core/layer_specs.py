@@ -14,6 +14,7 @@ returned unchanged: off means stock megatron-core, bit for bit and at no cost.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import List, Optional
 
@@ -57,8 +58,23 @@ def get_moe_block_spec(config, spec_config: Optional[SpecializationConfig] = Non
         use_transformer_engine = have_transformer_engine()
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
                                        vp_stage=vp_stage, pp_rank=pp_rank)
+    return specialize_block_spec(block, config, spec_config, checked=True)
+
+
+def specialize_block_spec(block: TransformerBlockSubmodules, config,
+                          spec_config: Optional[SpecializationConfig] = None,
+                          checked: bool = False) -> TransformerBlockSubmodules:
+    """Substitute the losses into an already built decoder-block spec (e.g. Megatron-LM's own).
+
+    Returns ``block`` unchanged when ``spec_config`` is off. Otherwise checks the combination
+    (unless ``checked``), substitutes every layer spec and registers the enabled loss names in
+    megatron's tracker on this rank (see ``aux_losses.register_loss_names``).
+    """
+    spec_config = spec_config if spec_config is not None else SpecializationConfig()
     if not spec_config.enabled:
         return block
+    if not checked:
+        check_compatibility(config, spec_config)
     layer_specs = [substitute_layer_spec(s, spec_config) for s in block.layer_specs]
     aux_losses.register_loss_names(enabled_loss_names(spec_config),
                                    config.num_layers + (config.mtp_num_layers or 0),
@@ -104,6 +120,12 @@ def substitute_layer_spec(layer_spec: ModuleSpec, spec_config: SpecializationCon
             submodules=dataclasses.replace(moe_submodules, router=SpecializationRouter),
             params={**(mlp.params or {}), "spec_config": spec_config},
         )
+        submodules = dataclasses.replace(submodules, mlp=mlp)
+    elif isinstance(mlp, functools.partial) and mlp.func is MoELayer:
+        # megatron-core >= 0.19 specs the MoE layer as functools.partial(MoELayer, submodules=...).
+        keywords = dict(mlp.keywords)
+        keywords["submodules"] = dataclasses.replace(keywords["submodules"], router=SpecializationRouter)
+        mlp = functools.partial(SpecializationMoELayer, *mlp.args, spec_config=spec_config, **keywords)
         submodules = dataclasses.replace(submodules, mlp=mlp)
     return dataclasses.replace(layer_spec, module=SpecializationTransformerLayer, submodules=submodules)
 

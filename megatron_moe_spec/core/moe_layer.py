@@ -51,10 +51,11 @@ class SpecializationMoELayer(MoELayer):
     """``MoELayer`` + the specialization losses and metrics (see the module docstring)."""
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
-                 spec_config: Optional[SpecializationConfig] = None):
+                 spec_config: Optional[SpecializationConfig] = None, **kwargs):
+        # kwargs: what newer megatron-core passes on (is_mtp_layer, name in 0.19).
         pg_collection = pg_collection if pg_collection is not None else get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
-                         pg_collection=pg_collection)
+                         pg_collection=pg_collection, **kwargs)
         self.spec = spec_config if spec_config is not None else SpecializationConfig()
         if not isinstance(self.router, SpecializationRouter):
             raise TypeError(

@@ -1,0 +1,138 @@
+"""CPU smoke check of a PATCHED Megatron-LM checkout (one process, gloo, megatron_moe_spec.cpu).
+
+    cd MEGATRON_LM_DIR   # patched with scripts/apply_megatron_lm_patch.sh
+    PYTHONPATH=$PWD:/path/to/megatron-moe-spec python /path/to/megatron-moe-spec/scripts/check_megatron_lm_patch.py
+
+Parses and validates Megatron-LM's arguments with our extra_args_provider, builds a tiny MoE GPT through
+the patched model builder (core_v0.16.1: gpt_builders.gpt_builder via model_provider; core_v0.19.0:
+megatron.training.models.gpt.GPTModelBuilder), runs one forward/backward, then does what the patched
+training_log does: track_names + megatron's tracker report + log_specialization_metrics.
+Environment: SPEC_OFF=1 (no --moe-spec-* flags: stock layers expected), USE_SPEC=1 (also pass
+--spec megatron_moe_spec.megatron_lm gpt_layer_spec). Not a GPU test: see docs/megatron_lm.md.
+"""
+import typing
+
+# Megatron-LM core_v0.19.0 imports typing.override (Python >= 3.12). On 3.11 a no-op stand-in lets
+# this check import it; it changes nothing else.
+typing.override = getattr(typing, "override", lambda f: f)
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+os.environ.setdefault("MASTER_PORT", "29517")
+sys.path.insert(0, os.getcwd())
+
+import torch  # noqa: E402
+
+from megatron_moe_spec import cpu  # noqa: E402
+
+cpu.enable()
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+
+from megatron_moe_spec import megatron_lm as moe_spec  # noqa: E402
+
+UPSTREAM = os.path.isfile(os.path.join("megatron", "training", "models", "gpt.py"))  # core_v0.19.0 layout
+
+sys.argv = ["pretrain_gpt.py", "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--ffn-hidden-size", "128", "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm",
+            "--seq-length", "16", "--max-position-embeddings", "16", "--micro-batch-size", "2",
+            "--global-batch-size", "2", "--num-experts", "4", "--moe-router-topk", "2",
+            "--moe-ffn-hidden-size", "64", "--moe-router-load-balancing-type", "aux_loss",
+            "--moe-aux-loss-coeff", "1e-2", "--moe-token-dispatcher-type", "alltoall",
+            "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--use-cpu-initialization",
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--mock-data", "--lr", "1e-3",
+            "--train-iters", "1", "--position-embedding-type", "rope", "--no-masked-softmax-fusion",
+            "--no-bias-swiglu-fusion", "--no-rope-fusion", "--no-persist-layer-norm"]
+if not os.environ.get("SPEC_OFF"):
+    sys.argv += ["--moe-spec-sp-coeff", "2e-3", "--moe-spec-cp-coeff", "1e-3", "--moe-spec-metrics"]
+if os.environ.get("USE_SPEC"):
+    sys.argv += ["--spec", "megatron_moe_spec.megatron_lm", "gpt_layer_spec"]
+
+provider = moe_spec.chain_extra_args_provider(None)
+defaults = {"tokenizer_type": "GPT2BPETokenizer"}
+if UPSTREAM:
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(extra_args_provider=provider, args_defaults=defaults)
+else:
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.global_vars import set_global_variables
+
+    args = parse_args(provider)
+    validate_args(args, defaults)
+    set_global_variables(args, build_tokenizer=False)
+args.padded_vocab_size = 128
+print("args.spec:", args.spec)
+print("config:", moe_spec.specialization_config_from_args(args))
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
+
+parallel_state.initialize_model_parallel()
+model_parallel_cuda_manual_seed(1234)
+
+
+def tracker_view():
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        return {k: (v["values"], v["reduce_group"]) for k, v in get_moe_layer_wise_logging_tracker().items()}
+    return {k: (e.values, e.reduce_group) for k, e in get_moe_metrics_tracker().metrics.items()}
+
+
+if UPSTREAM:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.argument_utils import gpt_config_from_args
+    from megatron.training.models.gpt import GPTModelBuilder
+
+    model = GPTModelBuilder(gpt_config_from_args(args)).build_model(
+        ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+    where = "patched GPTModelBuilder.build_model"
+else:
+    from gpt_builders import gpt_builder
+    from model_provider import model_provider
+
+    model = model_provider(gpt_builder, pre_process=True, post_process=True)
+    where = "patched gpt_builder (model_provider)"
+kinds = sorted({type(m).__name__ for m in model.modules()
+                if type(m).__name__.endswith(("MoELayer", "TransformerLayer"))})
+print(f"built through {where}: {kinds}")
+print("tracker entries before any forward (name: reduce_group set):",
+      {k: g is not None for k, (_, g) in tracker_view().items()})
+
+model.train()
+tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+out = model(input_ids=tokens[:, :-1], position_ids=torch.arange(16).expand(2, -1), attention_mask=None,
+            labels=tokens[:, 1:])
+out.float().mean().backward()
+
+names = moe_spec.track_names(args, ["load_balancing_loss"])
+print("track_names:", names)
+for name in names:
+    print(f"  {name} per layer: {[round(v, 5) for v in tracker_view()[name][0].tolist()]}")
+total = {}
+if UPSTREAM:
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    get_moe_metrics_tracker().report(loss_scale=1.0, iteration=1, total_loss_dict=total, force_initialize=True,
+                                     track_names=names, num_layers=args.num_layers,
+                                     moe_layer_freq=args.moe_layer_freq)
+else:
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    track_moe_metrics(loss_scale=1.0, iteration=1, total_loss_dict=total, force_initialize=True,
+                      track_names=names, num_layers=args.num_layers, moe_layer_freq=args.moe_layer_freq)
+print("megatron's tracker report -> total_loss_dict:", {k: round(float(v), 5) for k, v in total.items()})
+
+
+class PrintWriter:
+    def add_scalar(self, tag, value, step):
+        print(f"  tensorboard {tag} = {value:.4f} (iteration {step})")
+
+
+print("log_specialization_metrics(1):")
+moe_spec.log_specialization_metrics(1, PrintWriter(), None)
+torch.distributed.destroy_process_group()

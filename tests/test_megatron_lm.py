@@ -1,0 +1,613 @@
+"""The Megatron-LM integration (megatron_moe_spec.megatron_lm and patches/): flags, config, tracker
+names, the layer-spec hook, the metrics hook, and the shape of the shipped patches. CPU; Megatron-LM
+itself is not needed (its training package is not in the megatron-core wheel)."""
+import argparse
+import ast
+import os
+import re
+import subprocess
+import types
+
+import pytest
+import torch
+
+from megatron_moe_spec import megatron_lm
+from megatron_moe_spec.specialization_config import SpecializationConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATCH_DIR = os.path.join(ROOT, "patches")
+
+FLAGS = {  # flag -> dest; every default is None ("not given")
+    "--moe-spec-config": "moe_spec_config",
+    "--moe-spec-sp-coeff": "moe_spec_sp_coeff",
+    "--moe-spec-cp-coeff": "moe_spec_cp_coeff",
+    "--moe-spec-ortho-coeff": "moe_spec_ortho_coeff",
+    "--moe-spec-var-coeff": "moe_spec_var_coeff",
+    "--moe-spec-sp-similarity": "moe_spec_sp_similarity",
+    "--moe-spec-sp-max-tokens": "moe_spec_sp_max_tokens",
+    "--moe-spec-cp-form": "moe_spec_cp_form",
+    "--moe-spec-cp-pipeline": "moe_spec_cp_pipeline",
+    "--moe-spec-v-form": "moe_spec_v_form",
+    "--moe-spec-eps": "moe_spec_eps",
+    "--moe-spec-metrics": "moe_spec_metrics",
+    "--moe-spec-metrics-interval": "moe_spec_metrics_interval",
+}
+
+# The files each tag's patch may touch (and must touch).
+PATCHED_FILES = {
+    "core_v0.16.1": {"pretrain_gpt.py", "gpt_builders.py", "megatron/training/training.py"},
+    "core_v0.19.0": {"pretrain_gpt.py", "megatron/training/models/gpt.py", "megatron/training/training.py"},
+}
+
+
+def parser():
+    return megatron_lm.add_specialization_args(argparse.ArgumentParser(allow_abbrev=False))
+
+
+def parse(*argv):
+    return parser().parse_args(list(argv))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    megatron_lm.reset_state()
+    yield
+    megatron_lm.reset_state()
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------- flags
+def test_provider_adds_exactly_the_flags_with_none_defaults():
+    p = parser()
+    ours = {opt: a.dest for a in p._actions for opt in a.option_strings if "moe-spec" in opt}
+    assert ours == {**FLAGS, "--no-moe-spec-metrics": "moe_spec_metrics"}
+    args = p.parse_args([])
+    for dest in FLAGS.values():
+        assert getattr(args, dest) is None, dest
+    # Nothing given = SpecializationConfig's defaults = everything off.
+    cfg = megatron_lm.specialization_config_from_args(args)
+    assert cfg == SpecializationConfig() and not cfg.enabled
+
+
+def test_flag_names_follow_the_field_names():
+    for field in megatron_lm._FLAGS:
+        assert megatron_lm.flag_name(field) in FLAGS
+        assert FLAGS[megatron_lm.flag_name(field)] == megatron_lm.dest_name(field)
+    import dataclasses
+    assert set(megatron_lm._FLAGS) == {f.name for f in dataclasses.fields(SpecializationConfig)}
+
+
+def test_every_flag_parses_to_the_config():
+    args = parse("--moe-spec-sp-coeff", "2e-3", "--moe-spec-cp-coeff", "1e-3", "--moe-spec-ortho-coeff", "0.5",
+                 "--moe-spec-var-coeff", "0.25", "--moe-spec-sp-similarity", "abs_cosine",
+                 "--moe-spec-sp-max-tokens", "128", "--moe-spec-cp-form", "log", "--moe-spec-cp-pipeline", "skip",
+                 "--moe-spec-v-form", "per_token", "--moe-spec-eps", "1e-5", "--moe-spec-metrics",
+                 "--moe-spec-metrics-interval", "7")
+    assert megatron_lm.specialization_config_from_args(args) == SpecializationConfig(
+        sp_coeff=2e-3, cp_coeff=1e-3, ortho_coeff=0.5, var_coeff=0.25, sp_similarity="abs_cosine",
+        sp_max_tokens=128, cp_form="log", cp_pipeline="skip", v_form="per_token", eps=1e-5, metrics=True,
+        metrics_interval=7)
+    assert parse("--no-moe-spec-metrics").moe_spec_metrics is False
+
+
+@pytest.mark.parametrize("flag", ["--moe-spec-cp-form", "--moe-spec-sp-similarity", "--moe-spec-v-form",
+                                  "--moe-spec-cp-pipeline"])
+def test_choice_flags_reject_unknown_values(flag, capsys):
+    with pytest.raises(SystemExit):
+        parse(flag, "nope")
+    assert flag in capsys.readouterr().err
+
+
+def test_chained_provider_keeps_the_existing_one():
+    def existing(p):
+        p.add_argument("--modelopt-thing", type=int, default=3)
+        return p
+
+    p = megatron_lm.chain_extra_args_provider(existing)(argparse.ArgumentParser(allow_abbrev=False))
+    args = p.parse_args(["--modelopt-thing", "5", "--moe-spec-sp-coeff", "1e-3"])
+    assert args.modelopt_thing == 5 and args.moe_spec_sp_coeff == 1e-3
+    # None (Megatron-LM without modelopt) chains to ours alone.
+    p = megatron_lm.chain_extra_args_provider(None)(argparse.ArgumentParser(allow_abbrev=False))
+    assert p.parse_args([]).moe_spec_sp_coeff is None
+
+
+# ------------------------------------------------------------------------------------ config
+def test_yaml_block_then_flags_override(tmp_path):
+    path = write(tmp_path / "spec.yaml",
+                 "model:\n  num_layers: 4\nspecialization:\n  sp_coeff: 2.0e-3\n  cp_coeff: 1.0e-3\n"
+                 "  cp_form: log\n  metrics: true\n")
+    args = parse("--moe-spec-config", path, "--moe-spec-cp-coeff", "5e-4", "--no-moe-spec-metrics")
+    cfg = megatron_lm.specialization_config_from_args(args)
+    assert (cfg.sp_coeff, cfg.cp_coeff, cfg.cp_form, cfg.metrics) == (2e-3, 5e-4, "log", False)
+
+
+def test_yaml_include_is_resolved_like_our_run_configs():
+    # The shipped variant overlay: only its specialization: block is used.
+    args = parse("--moe-spec-config", os.path.join(ROOT, "configs", "variants", "lb_sp_cp.yaml"))
+    cfg = megatron_lm.specialization_config_from_args(args)
+    assert (cfg.sp_coeff, cfg.cp_coeff, cfg.ortho_coeff, cfg.var_coeff) == (2e-3, 1e-3, 0.0, 0.0)
+
+
+def test_yaml_cfg_namespace_block_is_read():
+    # Megatron-LM's --yaml-cfg replaces argparse: nested mappings arrive as SimpleNamespaces.
+    args = types.SimpleNamespace(yaml_cfg="run.yaml",
+                                 specialization=types.SimpleNamespace(sp_coeff=1e-3, metrics=True),
+                                 moe_spec_metrics_interval=5)
+    cfg = megatron_lm.specialization_config_from_args(args)
+    assert (cfg.sp_coeff, cfg.metrics, cfg.metrics_interval) == (1e-3, True, 5)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--moe-spec-sp-coeff", "-1"], "--moe-spec-sp-coeff"),
+    (["--moe-spec-metrics-interval", "0"], "--moe-spec-metrics-interval"),
+    (["--moe-spec-sp-max-tokens", "0"], "--moe-spec-sp-max-tokens"),
+    (["--moe-spec-eps", "0"], "--moe-spec-eps"),
+])
+def test_flag_errors_name_the_flag(argv, names):
+    with pytest.raises(ValueError) as e:
+        megatron_lm.specialization_config_from_args(parse(*argv))
+    assert str(e.value).startswith(names + ":"), str(e.value)
+
+
+def test_yaml_errors_name_the_file_and_key(tmp_path):
+    path = write(tmp_path / "bad.yaml", "specialization:\n  var_coeff: -2.0\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: specialization.var_coeff")):
+        megatron_lm.specialization_config_from_args(parse("--moe-spec-config", path))
+    # ... and a flag fixing the value wins.
+    cfg = megatron_lm.specialization_config_from_args(parse("--moe-spec-config", path, "--moe-spec-var-coeff", "0"))
+    assert cfg.var_coeff == 0.0
+    path = write(tmp_path / "typo.yaml", "specialization:\n  sp_coef: 1.0\n")
+    with pytest.raises(ValueError, match="sp_coef"):
+        megatron_lm.specialization_config_from_args(parse("--moe-spec-config", path))
+    with pytest.raises(ValueError, match="--moe-spec-config: file not found"):
+        megatron_lm.specialization_config_from_args(parse("--moe-spec-config", str(tmp_path / "missing.yaml")))
+
+
+# ------------------------------------------------------------------------------ track names
+def megatron_args(*argv, balancing="aux_loss", z=None):
+    args = parse(*argv)
+    args.moe_router_load_balancing_type = balancing
+    args.moe_z_loss_coeff = z
+    return args
+
+
+def test_track_names_megatron_list_plus_enabled_losses():
+    args = megatron_args("--moe-spec-sp-coeff", "2e-3", "--moe-spec-var-coeff", "1e-3", z=1e-3)
+    assert megatron_lm.track_names(args) == ["load_balancing_loss", "z_loss", "specialization_loss", "variance_loss"]
+    args = megatron_args("--moe-spec-cp-coeff", "1e-3", "--moe-spec-ortho-coeff", "1e-3", balancing="seq_aux_loss")
+    # "aux_loss" in "seq_aux_loss" is true in megatron's own check, so both are tracked.
+    assert megatron_lm.track_names(args) == ["load_balancing_loss", "seq_load_balancing_loss",
+                                             "coupling_loss", "orthogonality_loss"]
+
+
+def test_track_names_extends_the_given_list_without_duplicates():
+    args = megatron_args("--moe-spec-sp-coeff", "2e-3", "--moe-spec-cp-coeff", "1e-3", "--moe-spec-ortho-coeff",
+                         "1e-3", "--moe-spec-var-coeff", "1e-3", balancing="none")
+    given = ["global_load_balancing_loss", "coupling_loss"]
+    out = megatron_lm.track_names(args, given)
+    assert out == ["global_load_balancing_loss", "coupling_loss", "specialization_loss", "orthogonality_loss",
+                   "variance_loss"]
+    assert given == ["global_load_balancing_loss", "coupling_loss"]  # not mutated
+
+
+def test_track_names_unchanged_when_off_even_with_metrics():
+    # Metrics are not tracker losses; a disabled loss must not be force-initialized (a flat 0 curve).
+    args = megatron_args("--moe-spec-metrics", z=1e-3)
+    assert megatron_lm.track_names(args, ["load_balancing_loss"]) == ["load_balancing_loss"]
+
+
+# ---------------------------------------------------------------------- the layer-spec hook
+@pytest.fixture(scope="module")
+def megatron_single_process():
+    """gloo world of one, the CPU backend and megatron-core's parallel state (as in a real run,
+    where the hooks run after initialize_megatron)."""
+    from megatron_moe_spec import cpu
+    from megatron_moe_spec.testing.distributed import ParallelSizes, free_port, init_megatron, teardown_megatron
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    init_megatron(0, 1, ParallelSizes())
+    yield
+    teardown_megatron()
+    cpu.disable()
+
+
+def tiny_config(**overrides):
+    from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, build_transformer_config
+
+    # Megatron-LM copies --transformer-impl into the config; local modules on CPU.
+    extra = {"transformer_impl": "local", **overrides.pop("extra_config", {})}
+    return build_transformer_config(TinyGPTSettings(num_moe_experts=4, extra_config=extra, **overrides))
+
+
+def stock_block(config, vp_stage=None):
+    """What Megatron-LM's gpt_builder builds for an MoE model (local modules)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization,
+                                      vp_stage=vp_stage)
+
+
+OUR_NAMES = ("specialization_loss", "coupling_loss", "orthogonality_loss", "variance_loss")
+
+
+@pytest.fixture
+def run_args(monkeypatch, megatron_single_process):
+    """Stand-in for Megatron-LM's global args (what get_args() returns in a run)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_moe_spec.core import layer_metrics
+
+    holder = {}
+
+    def set_args(*argv):
+        holder["args"] = parse(*argv)
+        megatron_lm.reset_state()
+        return holder["args"]
+
+    def clean():
+        layer_metrics.register_layers([], 1)
+        tracker = get_moe_layer_wise_logging_tracker()
+        for name in OUR_NAMES:
+            tracker.pop(name, None)
+        for entry in tracker.values():
+            entry["values"].zero_()
+
+    clean()
+    monkeypatch.setattr(megatron_lm, "_megatron_args", lambda: holder.get("args"))
+    yield set_args
+    clean()
+
+
+def layer_modules(spec):
+    return [s.module.__name__ for s in spec.layer_specs]
+
+
+def test_hook_leaves_the_spec_alone_when_off(run_args):
+    config = tiny_config()
+    block = stock_block(config)
+    # No Megatron-LM args at all (a tool building a model outside pretrain): unchanged.
+    assert megatron_lm.specialize_layer_spec(block, config, None) is block
+    run_args()  # args without any --moe-spec-* flag
+    assert megatron_lm.specialize_layer_spec(block, config, None) is block
+
+
+def test_hook_substitutes_and_registers_when_on(run_args):
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_moe_spec.core import layer_metrics
+
+    run_args("--moe-spec-sp-coeff", "2e-3", "--moe-spec-cp-coeff", "1e-3", "--moe-spec-metrics")
+    config = tiny_config(moe_layer_freq=[1, 0, 1, 1])
+    block = stock_block(config)
+    out = megatron_lm.specialize_layer_spec(block, config, None)
+    assert layer_modules(out) == ["SpecializationTransformerLayer"] * 4
+    moe = [s.submodules.mlp for s in out.layer_specs
+           if getattr(s.submodules.mlp, "module", None).__name__ == "SpecializationMoELayer"]
+    assert len(moe) == 3 and moe[0].params["spec_config"].sp_coeff == 2e-3
+    tracker = get_moe_layer_wise_logging_tracker()
+    assert "specialization_loss" in tracker and "coupling_loss" in tracker
+    assert "variance_loss" not in tracker
+    assert layer_metrics.registered_layers() == [1, 3, 4]
+    # A second call (the next model chunk, or the hook after our own --spec callable) is a no-op.
+    assert megatron_lm.specialize_layer_spec(out, config, None) is out
+
+
+def test_hook_calls_a_spec_callable_with_config_and_vp_stage(run_args):
+    run_args("--moe-spec-var-coeff", "1e-3")
+    config = tiny_config()
+    out = megatron_lm.specialize_layer_spec(megatron_lm.gpt_layer_spec, config, None)
+    assert layer_modules(out) == ["SpecializationTransformerLayer"] * 4
+    seen = {}
+
+    def user_spec(cfg, vp_stage=None):
+        seen["args"] = (cfg, vp_stage)
+        return stock_block(cfg)
+
+    out = megatron_lm.specialize_layer_spec(user_spec, config, 1)
+    assert seen["args"] == (config, 1) and layer_modules(out) == ["SpecializationTransformerLayer"] * 4
+
+
+def test_gpt_layer_spec_is_stock_when_off(run_args):
+    run_args()
+    config = tiny_config()
+    assert layer_modules(megatron_lm.gpt_layer_spec(config)) == ["TransformerLayer"] * 4
+
+
+def test_hook_refuses_what_the_losses_cannot_serve(run_args):
+    run_args("--moe-spec-sp-coeff", "2e-3")
+    config = tiny_config(extra_config={"gated_linear_unit": False})
+    with pytest.raises(ValueError, match="gated"):
+        megatron_lm.specialize_layer_spec(stock_block(config), config, None)
+
+
+def test_register_model_refuses_stock_moe_layers_when_on(run_args):
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    stock = MoELayer.__new__(MoELayer)
+    torch.nn.Module.__init__(stock)
+    model = torch.nn.Module()
+    model.decoder = torch.nn.ModuleList([stock])
+    run_args()
+    megatron_lm.register_model(model)  # off: nothing to check
+    run_args("--moe-spec-sp-coeff", "2e-3")
+    with pytest.raises(RuntimeError, match="patch"):
+        megatron_lm.register_model(model)
+
+
+def test_one_training_step_through_the_hooks(run_args):
+    """The patched builder's path on CPU: Megatron-LM's stock MoE block -> specialize_layer_spec ->
+    GPTModel -> register_model -> one step with megatron's schedule -> our losses are in the tracker
+    under track_names, and the metrics hook writes moe/ tags."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, build_model, local_microbatches, run_step
+
+    args = run_args("--moe-spec-sp-coeff", "2e-3", "--moe-spec-cp-coeff", "1e-3", "--moe-spec-metrics")
+    args.moe_router_load_balancing_type, args.moe_z_loss_coeff = "aux_loss", None
+    settings = TinyGPTSettings(num_moe_experts=4)
+    config = tiny_config()
+
+    def builder_spec(cfg, vp_stage=None):  # the two lines the patch adds to gpt_builder
+        return megatron_lm.specialize_layer_spec(stock_block(cfg, vp_stage), cfg, vp_stage)
+
+    chunks = build_model(config, settings, layer_spec_fn=builder_spec)
+    for chunk in chunks:
+        megatron_lm.register_model(chunk.module)
+    assert len(megatron_lm._STATE.layers) == 4
+    # megatron keeps the aux-loss backward scale in a class attribute; another test in this process
+    # may have left one of a different shape.
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    run_step(chunks, config, local_microbatches(settings), settings)
+
+    names = megatron_lm.track_names(args)
+    assert names == ["load_balancing_loss", "specialization_loss", "coupling_loss"]
+    tracker = get_moe_layer_wise_logging_tracker()
+    sp = tracker["specialization_loss"]["values"]
+    cp = tracker["coupling_loss"]["values"]
+    assert bool((sp != 0).all())
+    assert bool((cp[:3] != 0).all()) and cp[3] == 0  # R_cp is indexed by the earlier layer of a pair
+    writer = FakeWriter()
+    scalars = megatron_lm.log_specialization_metrics(1, writer, None)
+    assert {"moe/routing_entropy", "moe/load_cv", "moe/activation_similarity"} <= set(scalars)
+    assert {tag for tag, _, _ in writer.scalars} == set(scalars)
+    assert all(step == 1 for _, _, step in writer.scalars)
+
+
+# ------------------------------------------------------------------------- the metrics hook
+class FakeWriter:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+
+class FakeLayer:
+    def __init__(self):
+        self.active = []
+
+    def set_metrics_step(self, active):
+        self.active.append(active)
+
+
+def fake_report(tokens=10.0):
+    return {"routing_entropy/layer_0": 1.0, "routing_entropy/layer_2": 3.0, "routing_entropy": 2.0,
+            "load_cv": 0.5, "load_cv/layer_0": 0.4, "load_cv/layer_2": 0.6,
+            "matrices": {0: {"tokens_per_expert": [tokens, 0.0]}, 2: {"tokens_per_expert": [0.0, 0.0]}}}
+
+
+def test_metric_scalars_use_megatron_style_moe_tags():
+    assert megatron_lm.metric_scalars(fake_report(), per_layer=False) == {"moe/routing_entropy": 2.0,
+                                                                         "moe/load_cv": 0.5}
+    tags = megatron_lm.metric_scalars(fake_report(), per_layer=True)
+    assert tags["moe/routing_entropy_layer_2"] == 3.0 and tags["moe/load_cv_layer_0"] == 0.4 and len(tags) == 6
+
+
+def test_metrics_hook_reports_every_interval_and_gates_collection(run_args, monkeypatch):
+    from megatron_moe_spec.core import layer_metrics
+
+    calls = []
+    monkeypatch.setattr(layer_metrics, "report", lambda group=None: calls.append(1) or fake_report())
+    args = run_args("--moe-spec-metrics", "--moe-spec-metrics-interval", "3")
+    args.moe_per_layer_logging = True
+    layer = FakeLayer()
+    import weakref
+    megatron_lm._STATE.layers.append(weakref.ref(layer))
+    writer = FakeWriter()
+    logged = [megatron_lm.log_specialization_metrics(it, writer, None) for it in range(1, 7)]
+    assert len(calls) == 2  # iterations 3 and 6 only; report() is a collective on every rank
+    assert [it for it, out in zip(range(1, 7), logged) if out] == [3, 6]
+    assert {step for _, _, step in writer.scalars} == {3, 6}
+    assert ("moe/routing_entropy_layer_2", 3.0, 6) in writer.scalars
+    # Collection is on exactly for the iterations that will be reported (3 and 6): set after 2, 5.
+    assert layer.active == [False, True, False, False, True, False]
+
+
+def test_metrics_hook_skips_an_empty_report_and_is_a_no_op_when_off(run_args, monkeypatch):
+    from megatron_moe_spec.core import layer_metrics
+
+    calls = []
+    monkeypatch.setattr(layer_metrics, "report", lambda group=None: calls.append(1) or fake_report(tokens=0.0))
+    run_args("--moe-spec-metrics")
+    writer = FakeWriter()
+    assert megatron_lm.log_specialization_metrics(1, writer, None) is None
+    assert calls == [1] and writer.scalars == []
+    run_args("--moe-spec-sp-coeff", "1e-3")  # losses on, metrics off: no collective at all
+    assert megatron_lm.log_specialization_metrics(1, writer, None) is None and calls == [1]
+
+
+# -------------------------------------------------------------------------------- the patches
+def patch_files():
+    return sorted(f for f in os.listdir(PATCH_DIR) if f.endswith(".patch"))
+
+
+def parse_unified_diff(text):
+    """{path: [(old_start, old_len, new_start, new_len, lines)]}; asserts it is well formed."""
+    files = {}
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("diff --git "):
+            m = re.match(r"diff --git a/(\S+) b/(\S+)$", line)
+            assert m and m.group(1) == m.group(2), line
+            path = m.group(1)
+            i += 1
+            while not lines[i].startswith("--- "):
+                assert lines[i].startswith("index "), lines[i]
+                i += 1
+            assert lines[i] == f"--- a/{path}" and lines[i + 1] == f"+++ b/{path}", lines[i:i + 2]
+            i += 2
+            files[path] = []
+            continue
+        m = re.match(r"@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@", line)
+        assert m, f"unexpected line {i + 1}: {line!r}"
+        old_len, new_len = int(m.group(2) or 1), int(m.group(4) or 1)
+        i += 1
+        body = []
+        while i < len(lines) and (old_len - sum(l[0] in " -" for l in body) > 0
+                                  or new_len - sum(l[0] in " +" for l in body) > 0):
+            assert lines[i][:1] in (" ", "-", "+"), f"bad hunk line {i + 1}: {lines[i]!r}"
+            body.append(lines[i])
+            i += 1
+        assert sum(l[0] in " -" for l in body) == old_len and sum(l[0] in " +" for l in body) == new_len
+        files[path].append((int(m.group(1)), old_len, int(m.group(3)), new_len, body))
+    return files
+
+
+def test_one_patch_per_supported_tag():
+    assert patch_files() == [f"megatron-lm-{tag}.patch" for tag in sorted(PATCHED_FILES)]
+
+
+@pytest.mark.parametrize("tag", sorted(PATCHED_FILES))
+def test_patch_is_a_small_well_formed_diff_of_the_expected_files(tag):
+    with open(os.path.join(PATCH_DIR, f"megatron-lm-{tag}.patch")) as f:
+        files = parse_unified_diff(f.read())
+    assert set(files) == PATCHED_FILES[tag]
+    added = [l[1:] for hunks in files.values() for h in hunks for l in h[4] if l.startswith("+")]
+    removed = [l[1:] for hunks in files.values() for h in hunks for l in h[4] if l.startswith("-")]
+    assert len(added) <= 12 and len(removed) <= 2, (added, removed)
+    # Every file imports the hooks once; every added line is ours (marked) or the continuation
+    # of a marked statement; the only removed line is the extra_args_provider it wraps.
+    for path, hunks in files.items():
+        plus = [l[1:] for h in hunks for l in h[4] if l.startswith("+")]
+        assert plus.count("from megatron_moe_spec import megatron_lm as moe_spec  # megatron-moe-spec") == 1, path
+    assert all(l.endswith("  # megatron-moe-spec") for l in added), added
+    assert removed == ["        extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,"]
+
+
+@pytest.mark.parametrize("tag", sorted(PATCHED_FILES))
+def test_patch_calls_only_functions_that_exist(tag):
+    with open(os.path.join(PATCH_DIR, f"megatron-lm-{tag}.patch")) as f:
+        added = [l[1:] for l in f.read().splitlines() if l.startswith("+") and not l.startswith("+++")]
+    called = set(re.findall(r"\bmoe_spec\.(\w+)\(", "\n".join(added)))
+    assert called == {"chain_extra_args_provider", "specialize_layer_spec", "register_model", "track_names",
+                      "log_specialization_metrics"}
+    for name in called:
+        assert callable(getattr(megatron_lm, name, None)), name
+    # Each added line is valid Python on its own: a statement, or a keyword argument of the call
+    # it sits in (the patched files themselves are byte-compiled, see docs/megatron_lm.md).
+    for line in added:
+        stmt = line.strip()
+        try:
+            ast.parse(stmt)
+        except SyntaxError:
+            ast.parse(f"f({stmt.rstrip(',')})")
+
+
+def test_spec_entry_point_resolves_like_megatron_import_module():
+    # --spec megatron_moe_spec.megatron_lm gpt_layer_spec: megatron's import_module(["module", "name"]).
+    from megatron.core.transformer.spec_utils import import_module
+
+    assert import_module([megatron_lm.SPEC_MODULE, megatron_lm.SPEC_FUNCTION]) is megatron_lm.gpt_layer_spec
+
+
+def test_apply_script_refuses_a_non_megatron_dir_clearly(tmp_path):
+    script = os.path.join(ROOT, "scripts", "apply_megatron_lm_patch.sh")
+    r = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "does not look like a Megatron-LM checkout" in r.stderr
+    (tmp_path / "megatron" / "training").mkdir(parents=True)
+    write(tmp_path / "pretrain_gpt.py", "print('not the real one')\n")
+    r = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "no shipped patch applies cleanly" in r.stderr
+    assert "core_v0.16.1" in r.stderr and "core_v0.19.0" in r.stderr
+    r = subprocess.run(["bash", script, str(tmp_path), "core_v0.1.0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no patch for tag 'core_v0.1.0'" in r.stderr
+    r = subprocess.run(["bash", script, str(tmp_path), "core_v0.16.1"], capture_output=True, text=True)
+    assert r.returncode == 1 and "does not apply cleanly" in r.stderr
+    assert open(tmp_path / "pretrain_gpt.py").read() == "print('not the real one')\n"  # untouched
+
+
+def test_moe_layer_given_as_a_partial_is_substituted_too(megatron_single_process):
+    # megatron-core 0.19 (Megatron-LM core_v0.19.0) specs the MoE layer as
+    # functools.partial(MoELayer, submodules=MoESubmodules(...)) instead of a ModuleSpec.
+    import dataclasses
+    import functools
+
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron_moe_spec.core.layer_specs import substitute_layer_spec
+    from megatron_moe_spec.core.moe_layer import SpecializationMoELayer
+    from megatron_moe_spec.core.router import SpecializationRouter
+
+    layer = stock_block(tiny_config()).layer_specs[0]
+    mlp = layer.submodules.mlp
+    as_partial = functools.partial(MoELayer, submodules=mlp.submodules)
+    layer = dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mlp=as_partial))
+    spec_config = SpecializationConfig(sp_coeff=1e-3)
+    out = substitute_layer_spec(layer, spec_config).submodules.mlp
+    assert isinstance(out, functools.partial) and out.func is SpecializationMoELayer
+    assert out.keywords["spec_config"] is spec_config
+    assert out.keywords["submodules"].router is SpecializationRouter
+    assert out.keywords["submodules"].experts is mlp.submodules.experts
+
+
+# ------------------------------------------------------------ pipeline stage without MoE layers
+def _pp_stage_without_moe_layers():
+    """One rank of PP=2 where stage 0 (layers 1-2) has no MoE layer: the hook registers our tracker
+    names and metrics layers there too, so megatron's per-name PP all-reduce and our report() agree."""
+    from megatron.core.transformer.moe.moe_utils import (
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+    from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, build_model, local_microbatches, run_step
+
+    args = parse("--moe-spec-sp-coeff", "2e-3", "--moe-spec-cp-coeff", "1e-3", "--moe-spec-metrics")
+    args.moe_router_load_balancing_type, args.moe_z_loss_coeff = "none", None
+    megatron_lm.reset_state()
+    megatron_lm._megatron_args = lambda: args
+    settings = TinyGPTSettings(num_moe_experts=4, moe_layer_freq=[0, 0, 1, 1], moe_router_load_balancing_type="none",
+                               moe_aux_loss_coeff=0.0, num_microbatches=2)
+    config = tiny_config(moe_layer_freq=[0, 0, 1, 1], moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                         num_microbatches=2)
+    chunks = build_model(config, settings, layer_spec_fn=lambda c, vp_stage=None: megatron_lm.specialize_layer_spec(
+        stock_block(c, vp_stage), c, vp_stage))
+    for chunk in chunks:
+        megatron_lm.register_model(chunk.module)
+    names = megatron_lm.track_names(args)
+    registered = sorted(n for n in names if n in get_moe_layer_wise_logging_tracker())
+    run_step(chunks, config, local_microbatches(settings), settings)
+    reduce_aux_losses_tracker_across_ranks(names)  # what track_moe_metrics does first: per name, PP all-reduce
+    tracker = get_moe_layer_wise_logging_tracker()
+    values = {n: tracker[n]["values"].tolist() for n in names}
+    scalars = megatron_lm.log_specialization_metrics(1, None, None)  # report(): one all-reduce over the world
+    return {"names": names, "registered_before_step": registered, "values": values, "scalars": scalars}
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(300)
+def test_pipeline_stage_without_moe_layers_reduces_with_the_others():
+    from megatron_moe_spec.testing.distributed import ParallelSizes, run_distributed
+
+    stage0, stage1 = run_distributed(_pp_stage_without_moe_layers, world_size=2, parallel=ParallelSizes(pp=2),
+                                     timeout=240)
+    assert stage0["names"] == ["specialization_loss", "coupling_loss"]
+    assert stage0["registered_before_step"] == stage1["registered_before_step"] == sorted(stage0["names"])
+    assert stage0["values"] == stage1["values"]
+    sp, cp = stage0["values"]["specialization_loss"], stage0["values"]["coupling_loss"]
+    assert sp[0] == sp[1] == 0 and sp[2] != 0 and sp[3] != 0  # layers 3, 4 are the MoE layers
+    assert cp[2] != 0 and cp[0] == cp[1] == cp[3] == 0  # the one pair (3, 4), indexed by layer 3
+    assert stage0["scalars"] == stage1["scalars"] and stage0["scalars"]["moe/routing_entropy"] > 0
