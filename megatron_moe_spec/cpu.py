@@ -29,6 +29,10 @@ The patches, each with its reason (see also docs/cpu_backend.md):
    uneven split sizes by padding to the largest split and using the even tensor collectives.
 8. ``torch.compile`` of megatron's small fusion kernels (``jit_fuser``) is disabled: on CPU, inductor
    compile time dominates a tiny model and needs nothing it would gain.
+9. gloo mis-pairs megatron's *batched* pipeline p2p (``batch_isend_irecv``) when both pipeline
+   directions connect the same two ranks (pp=2 with interleaving): same-shaped activations and
+   gradients are swapped from the third micro-batch on. Batched p2p goes through megatron's own
+   unbatched, even/odd-ordered path instead.
 """
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ def enable(force: bool = False) -> bool:
         _patch_wrapped_torch_norm()
         _patch_uneven_collectives()
         _patch_jit_fuser()
+        _patch_batched_p2p()
     except Exception:
         _restore_all()
         raise
@@ -442,6 +447,20 @@ def _patch_jit_fuser() -> None:
     from megatron.core import jit
 
     _set(jit, "jit_fuser", jit.noop_decorator)
+
+
+# ----------------------------------------------------------------------------- 9. batched p2p
+def _patch_batched_p2p() -> None:
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    unbatched = _require(p2p_communication, "_p2p_ops")
+    _require(p2p_communication, "_batched_p2p_ops")
+
+    def batched_as_unbatched(**kwargs):
+        # Same operations, megatron's even/odd ordering, returned as the list the caller expects.
+        return list(unbatched(**kwargs).values())
+
+    _set(p2p_communication, "_batched_p2p_ops", batched_as_unbatched)
 
 
 def cpu_model_config_overrides() -> dict:

@@ -46,6 +46,7 @@ LAYOUTS = [
     ("tp2_ep2", VANILLA, 4, ParallelSizes(tp=2, ep=2), 2),
     ("ep2_etp2", VANILLA, 4, ParallelSizes(ep=2, etp=2), 4),
     ("pp2_1f1b", VANILLA.replace(num_microbatches=4), 2, ParallelSizes(pp=2), 1),
+    ("pp2_vpp2_interleaved", VANILLA.replace(num_microbatches=4), 2, ParallelSizes(pp=2, vpp=2), 1),
     ("shared_expert_tp2_sp", SHARED, 2, ParallelSizes(tp=2), 1),
     ("shared_expert_ep2", SHARED, 2, ParallelSizes(ep=2), 2),
 ]
