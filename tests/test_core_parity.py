@@ -33,7 +33,10 @@ def spec_fn(spec_config):
 
 
 def reference(settings, spec_config, dp):
-    single = settings.replace(num_microbatches=settings.num_microbatches * dp)
+    """One process, the micro-batches of all ``dp`` ranks, and never recomputation (recompute must
+    not change the math: comparing with a recomputed reference could hide a shared mistake)."""
+    single = settings.replace(num_microbatches=settings.num_microbatches * dp, recompute_granularity=None,
+                              recompute_method=None, recompute_num_layers=None, recompute_modules=None)
     key = (repr(single), repr(spec_config))
     if key not in _REFERENCES:
         _REFERENCES[key] = run_distributed(train_step_result, 1, ParallelSizes(),
@@ -88,9 +91,14 @@ LAYOUTS = [
     ("dp2_microbatches2", VANILLA.replace(num_microbatches=2), ALL_LOSSES, 2, ParallelSizes(), 2),
     ("pp2_1f1b", VANILLA.replace(num_microbatches=4), NO_CP, 2, ParallelSizes(pp=2), 1),
     ("full_recompute_ep2", VANILLA.replace(recompute_granularity="full", recompute_method="uniform",
-                                           recompute_num_layers=1), NO_CP, 2, ParallelSizes(ep=2), 2),
+                                           recompute_num_layers=1), ALL_LOSSES, 2, ParallelSizes(ep=2), 2),
+    ("full_recompute_2_layers_dp2", VANILLA.replace(recompute_granularity="full", recompute_method="uniform",
+                                                    recompute_num_layers=2, num_microbatches=2),
+     ALL_LOSSES, 2, ParallelSizes(), 2),
     ("moe_recompute_tp2", VANILLA.replace(recompute_granularity="selective", recompute_modules=["moe"]),
-     NO_CP, 2, ParallelSizes(tp=2), 1),
+     ALL_LOSSES, 2, ParallelSizes(tp=2), 1),
+    ("moe_recompute_pp2_1f1b", VANILLA.replace(recompute_granularity="selective", recompute_modules=["moe"],
+                                               num_microbatches=4), NO_CP, 2, ParallelSizes(pp=2), 1),
     ("deepseek_tp2_sp", DEEPSEEK, ALL_LOSSES, 2, ParallelSizes(tp=2), 1),
     # Interleaved 1F1B: 2 stages x 2 model chunks of one layer each (every R_cp pair crosses a chunk).
     ("pp2_vpp2_interleaved", VANILLA.replace(num_microbatches=4), NO_CP, 2, ParallelSizes(pp=2, vpp=2), 1),

@@ -183,11 +183,12 @@ def check_compatibility(config, spec_config: SpecializationConfig) -> None:
                 "specialization.cp_coeff > 0 (R_cp) couples adjacent MoE layers, and this model has "
                 f"{len(moe_layers)} MoE layer(s): add MoE layers or set cp_coeff to 0"
             )
-        if config.recompute_granularity is not None:
+        if config.recompute_granularity == "full" and config.recompute_method != "uniform":
             raise ValueError(
-                "R_cp with activation recomputation is not supported yet (the recomputed pass "
-                "cannot see the previous layer's router graph): set recompute_granularity to null "
-                "or cp_coeff to 0"
+                "R_cp with full recomputation needs every layer recomputed alike "
+                "(recompute_method: uniform); with the block method some MoE layers are recomputed "
+                "and others not, and a pair across that boundary cannot be split: set "
+                "recompute_method to uniform, or cp_coeff to 0"
             )
         warn_cross_stage_pairs(config, moe_layers)
     if config.moe_router_topk == 1 and (spec_config.sp_coeff > 0 or spec_config.ortho_coeff > 0):

@@ -17,9 +17,10 @@ micro-batch across TPxCP (see ``aux_losses``).
 """
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -45,6 +46,7 @@ class RoutingCarry:
     valid_T: torch.Tensor
     top1_T: torch.Tensor
     num_experts: int
+    producer: Any = None  # the SpecializationMoELayer that made it (same rank, same stage)
 
 
 class SpecializationMoELayer(MoELayer):
@@ -73,6 +75,10 @@ class SpecializationMoELayer(MoELayer):
         self._z_TKF: Optional[torch.Tensor] = None
         self._y_TKH: Optional[torch.Tensor] = None
         self._metrics_step = True
+        # R_cp under activation recomputation (see _coupling_under_recompute): first-pass values
+        # queued for the recompute pass, in micro-batch order (megatron recomputes in forward order).
+        self._previous_mass_fifo = collections.deque()  # (M^l, valid^l, l) for this layer l'
+        self._next_mass_fifo = collections.deque()      # (M^l', valid^l') for this layer l
 
     # ------------------------------------------------------------------ queries
     @property
@@ -136,9 +142,11 @@ class SpecializationMoELayer(MoELayer):
         spec = self.spec
         mass_T = losses.topk_mass(record.probs_TE, record.topk_idx_TK)
         self.outgoing = RoutingCarry(self.layer_number, mass_T, record.valid_T, record.top1_T,
-                                     record.num_experts)
+                                     record.num_experts, producer=self)
         if spec.metrics and self._metrics_step and self._collect_metrics_now():
             layer_metrics.update(self.layer_number, record, z_TKF, incoming)
+        if self.training and not torch.is_grad_enabled() and spec.cp_coeff > 0 and self._recomputed:
+            self._queue_for_recompute(mass_T, record.valid_T, incoming)
         if not (self.training and torch.is_grad_enabled() and spec.any_loss):
             return output
 
@@ -149,10 +157,11 @@ class SpecializationMoELayer(MoELayer):
         total_n = aux_losses.global_valid_tokens(valid_T, self.tp_cp_group)
         share = local_n / total_n.clamp(min=1.0)  # this rank's part of the micro-batch mean
 
-        def attach(name, coeff, partial, layer_number=self.layer_number):
+        def attach(name, coeff, partial, layer_number=self.layer_number, log=True):
             nonlocal output
             output = aux_losses.attach_loss(output, coeff, partial, per_token, local_n)
-            aux_losses.log_loss(name, partial, layer_number, num_layers, self.tp_cp_group)
+            if log:
+                aux_losses.log_loss(name, partial, layer_number, num_layers, self.tp_cp_group)
 
         if spec.sp_coeff > 0 and self.topk > 1:
             value = losses.specialization_loss(z_TKF, valid_T, spec.sp_similarity, spec.eps,
@@ -164,15 +173,55 @@ class SpecializationMoELayer(MoELayer):
             attach(aux_losses.ORTHOGONALITY_LOSS, spec.ortho_coeff, value * share)
         if spec.var_coeff > 0:
             attach(aux_losses.VARIANCE_LOSS, spec.var_coeff, self._variance_partial(record, total_n))
-        if spec.cp_coeff > 0 and incoming is not None:
-            joint_valid = valid_T & incoming.valid_T
-            joint_local = joint_valid.sum().float()
-            joint_total = aux_losses.global_valid_tokens(joint_valid, self.tp_cp_group)
-            value = losses.coupling_loss_from_mass(incoming.mass_T, mass_T, joint_valid, spec.cp_form)
-            # R_cp^l is indexed by the earlier layer of the pair.
-            attach(aux_losses.COUPLING_LOSS, spec.cp_coeff,
-                   value * joint_local / joint_total.clamp(min=1.0), incoming.layer_number)
+        if spec.cp_coeff > 0 and self._recomputed:
+            for partial, layer_number, log in self._coupling_under_recompute(mass_T, valid_T):
+                attach(aux_losses.COUPLING_LOSS, spec.cp_coeff, partial, layer_number, log)
+        elif spec.cp_coeff > 0 and incoming is not None:
+            # Both routers' graphs exist: one term. R_cp^l is indexed by the earlier layer l.
+            partial = self._coupling_partial(incoming.mass_T, mass_T, valid_T & incoming.valid_T)
+            attach(aux_losses.COUPLING_LOSS, spec.cp_coeff, partial, incoming.layer_number)
         return output
+
+    # ------------------------------------------------------------------ R_cp and recomputation
+    @property
+    def _recomputed(self) -> bool:
+        """This MoE layer's forward is checkpointed (MoE-level or full-layer recompute)."""
+        return self.moe_layer_recompute or self.config.recompute_granularity == "full"
+
+    def _queue_for_recompute(self, mass_T, valid_T, incoming: Optional[RoutingCarry]) -> None:
+        """First (no-grad) pass of a recomputed layer: keep the values R_cp's recompute pass needs."""
+        if incoming is None or incoming.producer is None:
+            return
+        self._previous_mass_fifo.append((incoming.mass_T.detach(), incoming.valid_T, incoming.layer_number))
+        incoming.producer._next_mass_fifo.append((mass_T.detach(), valid_T))
+
+    def _coupling_under_recompute(self, mass_T, valid_T):
+        """R_cp when the router graph of the other layer of a pair does not exist in this pass.
+
+        R = f(M^l, M^l') is split into two terms whose gradients are exactly R's partial gradients:
+        layer l' attaches f(sg(M^l), M^l') and layer l attaches f(M^l, sg(M^l')), each with the other
+        side's value from the first (no-grad) forward pass of the same micro-batch. The recomputed
+        pass reproduces those values exactly, and megatron recomputes micro-batches in forward order,
+        so a FIFO per layer pairs them. The value is logged once, by l' (under l's index).
+        Returns ``[(partial, layer_number_to_log_under, log?)]``.
+        """
+        terms = []
+        if self._previous_mass_fifo:
+            previous_mass, previous_valid, previous_layer = self._previous_mass_fifo.popleft()
+            terms.append((self._coupling_partial(previous_mass, mass_T, previous_valid & valid_T),
+                          previous_layer, True))
+        if self._next_mass_fifo:
+            next_mass, next_valid = self._next_mass_fifo.popleft()
+            terms.append((self._coupling_partial(mass_T, next_mass, valid_T & next_valid),
+                          self.layer_number, False))
+        return terms
+
+    def _coupling_partial(self, mass_T, next_mass_T, joint_valid):
+        """This rank's partial of R_cp for one pair (see aux_losses for the reduction contract)."""
+        joint_local = joint_valid.sum().float()
+        joint_total = aux_losses.global_valid_tokens(joint_valid, self.tp_cp_group)
+        value = losses.coupling_loss_from_mass(mass_T, next_mass_T, joint_valid, self.spec.cp_form)
+        return value * joint_local / joint_total.clamp(min=1.0)
 
     def _variance_partial(self, record: RoutingRecord, total_n: torch.Tensor) -> torch.Tensor:
         """This rank's partial of L_v; the partials sum over TPxCP to the micro-batch's L_v.
