@@ -34,8 +34,12 @@ def megatron_single_process():
     cpu.disable()
 
 
-def independent_layer(moe, x_SBH):
-    """Routing, z and y of one MoE layer from its input and weights (no megatron code)."""
+def independent_layer(moe, x_SBH, selection_TE=None):
+    """Routing, z and y of one MoE layer from its input and weights (no megatron code).
+
+    ``selection_TE``: the experts megatron selected (bool [T, E]); needed when the selection is not
+    the top-k of p (group-limited routing, expert bias), where the spec's A_t is megatron's choice.
+    """
     x = x_SBH.reshape(-1, x_SBH.shape[-1])
     logits = x @ moe.router.weight.t()
     if moe.config.moe_router_score_function == "sigmoid":
@@ -44,7 +48,11 @@ def independent_layer(moe, x_SBH):
     else:
         p = torch.softmax(logits.float(), dim=-1)
     k = moe.config.moe_router_topk
-    topk_idx = torch.topk(p, k, dim=-1).indices.sort(dim=-1).values  # ascending expert order
+    if selection_TE is None:
+        topk_idx = torch.topk(p, k, dim=-1).indices.sort(dim=-1).values  # ascending expert order
+    else:
+        order = torch.argsort((~selection_TE).int() * p.shape[1] + torch.arange(p.shape[1]), dim=1)
+        topk_idx = order[:, :k]
     F = moe.config.moe_ffn_hidden_size
     zs, ys = [], []
     for slot in range(k):
@@ -86,7 +94,7 @@ TRACKER_NAME = {"sp": "specialization_loss", "ortho": "orthogonality_loss", "var
                 "cp": "coupling_loss"}
 
 
-def run_model(settings, spec, params_from=None, padding_mask=None):
+def run_model(settings, spec, params_from=None, padding_mask=None, expert_bias=False):
     """Forward+backward of the LM loss; returns the model, its grads and the captured MoE inputs."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
@@ -97,6 +105,10 @@ def run_model(settings, spec, params_from=None, padding_mask=None):
     torch.manual_seed(1234)
     model = build_model(config, settings, functools.partial(get_moe_block_spec, spec_config=spec),
                         wrap_ddp=False)[0]
+    if expert_bias:  # a trained-looking bias (megatron starts it at 0 and updates it between steps)
+        for name, buffer in model.named_buffers():
+            if name.endswith("router.expert_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(3)) * 0.2)
     if params_from is not None:
         model.load_state_dict(params_from.state_dict())
     model.train()
@@ -167,6 +179,9 @@ def test_loss_value_and_gradient_match_independent_computation(megatron_single_p
 VARIANTS = {
     # name: (settings changes, padding?)
     "sigmoid_router": ({"moe_router_score_function": "sigmoid"}, False),
+    "group_limited_topk": ({"extra_config": {"moe_router_num_groups": 2, "moe_router_group_topk": 1}}, False),
+    "sigmoid_expert_bias": ({"moe_router_score_function": "sigmoid",
+                             "extra_config": {"moe_router_enable_expert_bias": True}}, False),
     "padding_tokens": ({}, True),
     "capacity_dropping": ({"extra_config": {"moe_expert_capacity_factor": 1.0, "moe_token_drop_policy": "probs"}}, False),
 }
@@ -189,12 +204,18 @@ def test_variants_match_independent_computation(megatron_single_process, variant
         padding[1, -5:] = True
     coeff = 0.5
     spec_on = SpecializationConfig(**{COEFF_FIELD[kind]: coeff})
-    model_on, _, grads_on, _, _, tracker = run_model(settings, spec_on, padding_mask=padding)
+    model_on, _, grads_on, _, _, tracker = run_model(settings, spec_on, padding_mask=padding,
+                                                     expert_bias=(variant == "sigmoid_expert_bias"))
     model_off, moe_off, grads_off, inputs, params, _ = run_model(
         settings, SpecializationConfig(metrics=True), params_from=model_on, padding_mask=padding)
     maps = run_model.routing_maps
 
-    layers = [independent_layer(m, inputs[i]) for i, m in enumerate(moe_off)]
+    from_megatron = variant in ("group_limited_topk", "sigmoid_expert_bias")
+    layers = [independent_layer(m, inputs[i], maps[i] if from_megatron else None) for i, m in enumerate(moe_off)]
+    if from_megatron:
+        # The selection really differs from the plain top-k of p (else the variant tests nothing).
+        plain = [torch.zeros_like(maps[i]).scatter(1, torch.topk(l["p"], 2).indices, True) for i, l in enumerate(layers)]
+        assert any(not torch.equal(a, maps[i]) for i, a in enumerate(plain))
     valid = []
     for i, layer in enumerate(layers):
         v = maps[i].sum(1) == settings.moe_router_topk  # capacity: only tokens that kept all k experts
