@@ -59,3 +59,37 @@ def test_layout_matches_one_process(name, settings, world_size, parallel, dp):
         # Every rank starts from the reference weights and ends with the reference gradients.
         assert not tensor_mismatches(ref["params"], result["params"], rtol=0.0), f"rank {rank} params"
         assert_same_step(ref, result, rtol=1e-5)
+
+
+def logged_z_loss(settings):
+    """One step; megatron's own tracker reduction; this rank's logged z_loss per layer."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker, reduce_aux_losses_tracker_across_ranks)
+
+    from megatron_moe_spec.testing.tiny_gpt import build_model, build_transformer_config, local_microbatches, run_step
+
+    config = build_transformer_config(settings)
+    chunks = build_model(config, settings)
+    run_step(chunks, config, local_microbatches(settings), settings)
+    reduce_aux_losses_tracker_across_ranks(["z_loss", "load_balancing_loss"])
+    tracker = get_moe_layer_wise_logging_tracker()
+    values = {name: tracker[name]["values"].tolist() for name in ("z_loss", "load_balancing_loss")}
+    clear_aux_losses_tracker()
+    return values
+
+
+def test_megatron_logs_z_loss_per_tp_rank_unreduced():
+    """Documents a megatron-core 0.16.1 behaviour (docs/parallelism.md): the z-loss is recorded without
+    a reduce group, so under TP+SP each rank logs the z-loss of its own sequence shard, while the
+    load-balancing loss is reduced over TP and agrees on every rank. (The z-loss *gradient* is right:
+    the coefficient is divided by the TP size and the per-shard losses add up; see the parity tests.)"""
+    settings = VANILLA.replace(moe_z_loss_coeff=1e-3)
+    single = run_distributed(logged_z_loss, 1, ParallelSizes(), args=(settings,))[0]
+    tp = run_distributed(logged_z_loss, 2, ParallelSizes(tp=2), args=(settings,))
+    z0, z1, z_ref = tp[0]["z_loss"], tp[1]["z_loss"], single["z_loss"]
+    assert any(abs(a - b) > 1e-6 * abs(c) for a, b, c in zip(z0, z1, z_ref)), "TP ranks logged the same z_loss"
+    # Each rank logs the mean over its half of the tokens: their average is the one-process value.
+    for a, b, c in zip(z0, z1, z_ref):
+        assert abs((a + b) / 2 - c) <= 1e-5 * abs(c)
+    for a, b in zip(tp[0]["load_balancing_loss"], tp[1]["load_balancing_loss"]):
+        assert a == b
