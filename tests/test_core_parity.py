@@ -36,7 +36,8 @@ def reference(settings, spec_config, dp):
     """One process, the micro-batches of all ``dp`` ranks, and never recomputation (recompute must
     not change the math: comparing with a recomputed reference could hide a shared mistake)."""
     single = settings.replace(num_microbatches=settings.num_microbatches * dp, recompute_granularity=None,
-                              recompute_method=None, recompute_num_layers=None, recompute_modules=None)
+                              recompute_method=None, recompute_num_layers=None, recompute_modules=None,
+                              calculate_per_token_loss=False)
     key = (repr(single), repr(spec_config))
     if key not in _REFERENCES:
         _REFERENCES[key] = run_distributed(train_step_result, 1, ParallelSizes(),
@@ -100,6 +101,15 @@ LAYOUTS = [
     ("moe_recompute_pp2_1f1b", VANILLA.replace(recompute_granularity="selective", recompute_modules=["moe"],
                                                num_microbatches=4), NO_CP, 2, ParallelSizes(pp=2), 1),
     ("deepseek_tp2_sp", DEEPSEEK, ALL_LOSSES, 2, ParallelSizes(tp=2), 1),
+    # Per-token loss: megatron scales the whole gradient by 1/num_tokens in finalize_model_grads and
+    # the aux losses by token counts; with equal token counts per micro-batch the gradients equal the
+    # ordinary run's (the reference is always computed without per-token loss). megatron-core 0.16.1's
+    # own load-balancing loss does not keep its scale under per-token loss with TP
+    # (test_megatron_lb_loss_scale_changes_with_per_token_loss_under_tp), so it is off here.
+    ("per_token_loss_tp2_ep2", VANILLA.replace(calculate_per_token_loss=True, moe_aux_loss_coeff=0.0),
+     ALL_LOSSES, 4, ParallelSizes(tp=2, ep=2), 2),
+    ("per_token_loss_dp2_microbatches2", VANILLA.replace(calculate_per_token_loss=True, num_microbatches=2),
+     ALL_LOSSES, 2, ParallelSizes(), 2),
     # Interleaved 1F1B: 2 stages x 2 model chunks of one layer each (every R_cp pair crosses a chunk).
     ("pp2_vpp2_interleaved", VANILLA.replace(num_microbatches=4), NO_CP, 2, ParallelSizes(pp=2, vpp=2), 1),
     # A first stage without any MoE layer: the tracker names must exist there too, or the

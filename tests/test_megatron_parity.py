@@ -6,6 +6,7 @@ must equal the one-process run's to rtol 1e-5. The one-process run also provides
 of every layout.
 """
 import pytest
+import torch
 
 from megatron_moe_spec.testing.compare import assert_same_step, tensor_mismatches
 from megatron_moe_spec.testing.distributed import ParallelSizes, run_distributed
@@ -93,3 +94,22 @@ def test_megatron_logs_z_loss_per_tp_rank_unreduced():
         assert abs((a + b) / 2 - c) <= 1e-5 * abs(c)
     for a, b in zip(tp[0]["load_balancing_loss"], tp[1]["load_balancing_loss"]):
         assert a == b
+
+
+def test_megatron_lb_loss_scale_changes_with_per_token_loss_under_tp():
+    """Documents a megatron-core 0.16.1 behaviour (docs/parallelism.md): with calculate_per_token_loss
+    and TP=2 (sequence parallel), its load-balancing loss is multiplied by the token count of the
+    rank's sequence shard while finalize_model_grads divides by the full sequence's, so the
+    load-balancing part of the router gradient is exactly half of the ordinary run's."""
+    router = "decoder.layers.mlp.router.weight"
+    with_lb = VANILLA.replace(moe_aux_loss_coeff=0.1)
+    without_lb = VANILLA.replace(moe_aux_loss_coeff=0.0)
+    ref_with = reference(with_lb, 1)
+    ref_without = reference(without_lb, 1)
+    per_token = run_distributed(train_step_result, 2, ParallelSizes(tp=2),
+                                args=(with_lb.replace(calculate_per_token_loss=True),),
+                                kwargs={"initial_params": ref_with["params"]})[0]
+    lb_part = ref_with["grads"][router] - ref_without["grads"][router]
+    per_token_lb_part = per_token["grads"][router] - ref_without["grads"][router]
+    assert float(lb_part.abs().max()) > 0
+    assert torch.allclose(per_token_lb_part, 0.5 * lb_part, rtol=1e-3, atol=1e-5 * float(lb_part.abs().max()))

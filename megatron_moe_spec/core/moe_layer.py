@@ -156,10 +156,16 @@ class SpecializationMoELayer(MoELayer):
         local_n = valid_T.sum().float()
         total_n = aux_losses.global_valid_tokens(valid_T, self.tp_cp_group)
         share = local_n / total_n.clamp(min=1.0)  # this rank's part of the micro-batch mean
+        # Per-token loss: finalize_model_grads divides every gradient by the LM token count, which
+        # each rank counts over the full sequence of its CP shard (TP ranks see the whole sequence).
+        # Multiplying by that count keeps the effective coefficient of the run without per-token
+        # loss (megatron-core 0.16.1 multiplies its own aux losses by the sequence-parallel shard's
+        # count instead, which divides their gradient by TP; see docs/parallelism.md).
+        lm_tokens = aux_losses.global_valid_tokens(valid_T, self.tp_group) if per_token else None
 
         def attach(name, coeff, partial, layer_number=self.layer_number, log=True):
             nonlocal output
-            output = aux_losses.attach_loss(output, coeff, partial, per_token, local_n)
+            output = aux_losses.attach_loss(output, coeff, partial, per_token, lm_tokens)
             if log:
                 aux_losses.log_loss(name, partial, layer_number, num_layers, self.tp_cp_group)
 

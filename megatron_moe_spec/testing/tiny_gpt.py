@@ -196,11 +196,13 @@ def lm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     loss_mask = batch["loss_mask"]
 
     def loss_func(per_token_loss: torch.Tensor):
+        # megatron's 3-tuple contract: (sum of token losses, number of tokens, what to report);
+        # the schedule divides by the token count itself unless calculate_per_token_loss is on.
         losses = per_token_loss.float().view(-1)
         mask = loss_mask.view(-1).float()
         loss_sum = torch.sum(losses * mask)
-        num_tokens = mask.sum()
-        return loss_sum / num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens])}
+        num_tokens = mask.sum().to(torch.int)
+        return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
     return output, loss_func
 
