@@ -267,3 +267,39 @@ def test_top1_routing_gives_zero_pairwise_losses(megatron_single_process):
     _, _, grads, _, _, tracker = run_model(settings, SpecializationConfig(sp_coeff=0.5, ortho_coeff=0.5, var_coeff=0.1))
     assert "specialization_loss" not in tracker or float(tracker["specialization_loss"].abs().sum()) == 0.0
     assert float(tracker["variance_loss"].abs().sum()) > 0  # L_v is defined for k = 1
+
+
+def test_cross_stage_coupling_pairs_are_named_in_a_startup_warning(megatron_single_process, caplog):
+    """R_cp pairs split across pipeline stages / chunks are left out, never silently (spec section 2)."""
+    import dataclasses
+    import logging
+
+    from megatron_moe_spec.core.layer_specs import check_compatibility, cross_stage_pairs, moe_layer_numbers
+
+    config = build_transformer_config(TinyGPTSettings(num_layers=4))
+    pp2 = dataclasses.replace(config, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    pp2_vpp2 = dataclasses.replace(pp2, virtual_pipeline_model_parallel_size=2)
+    assert cross_stage_pairs(config, moe_layer_numbers(config)) == []
+    assert cross_stage_pairs(pp2, moe_layer_numbers(pp2)) == [(2, 3)]
+    assert cross_stage_pairs(pp2_vpp2, moe_layer_numbers(pp2_vpp2)) == [(1, 2), (2, 3), (3, 4)]
+    with caplog.at_level(logging.WARNING, logger="megatron_moe_spec.core.layer_specs"):
+        check_compatibility(pp2, SpecializationConfig(cp_coeff=1e-3))
+    assert "(2, 3)" in caplog.text and "left out of R_cp" in caplog.text
+
+
+def test_impossible_combinations_are_refused_with_the_fix(megatron_single_process):
+    import dataclasses
+
+    from megatron_moe_spec.core.layer_specs import check_compatibility
+
+    config = build_transformer_config(TinyGPTSettings(num_layers=4))
+    cases = [
+        (dataclasses.replace(config, gated_linear_unit=False), SpecializationConfig(sp_coeff=1e-3), "gated_linear_unit"),
+        (dataclasses.replace(config, moe_token_dispatcher_type="flex"), SpecializationConfig(sp_coeff=1e-3), "alltoall"),
+        (dataclasses.replace(config, moe_layer_freq=[1, 0, 0, 0]), SpecializationConfig(cp_coeff=1e-3), "cp_coeff to 0"),
+        (dataclasses.replace(config, recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
+         SpecializationConfig(cp_coeff=1e-3), "recompute_method to uniform"),
+    ]
+    for bad_config, spec, fix in cases:
+        with pytest.raises(ValueError, match=fix):
+            check_compatibility(bad_config, spec)
