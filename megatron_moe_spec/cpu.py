@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import types
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Tuple
 
 import torch
 

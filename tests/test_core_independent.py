@@ -12,26 +12,11 @@ import functools
 import pytest
 import torch
 
-from megatron_moe_spec import cpu, losses
+from megatron_moe_spec import losses
 from megatron_moe_spec.specialization_config import SpecializationConfig
-from megatron_moe_spec.testing.distributed import ParallelSizes, init_megatron, teardown_megatron
 from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, build_model, build_transformer_config, global_microbatches
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def megatron_single_process():
-    import os
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    from megatron_moe_spec.testing.distributed import free_port
-
-    os.environ["MASTER_PORT"] = str(free_port())
-    init_megatron(0, 1, ParallelSizes())
-    yield
-    teardown_megatron()
-    cpu.disable()
 
 
 def independent_layer(moe, x_SBH, selection_TE=None):

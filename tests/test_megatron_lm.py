@@ -202,21 +202,6 @@ def test_track_names_unchanged_when_off_even_with_metrics():
 
 
 # ---------------------------------------------------------------------- the layer-spec hook
-@pytest.fixture(scope="module")
-def megatron_single_process():
-    """gloo world of one, the CPU backend and megatron-core's parallel state (as in a real run,
-    where the hooks run after initialize_megatron)."""
-    from megatron_moe_spec import cpu
-    from megatron_moe_spec.testing.distributed import ParallelSizes, free_port, init_megatron, teardown_megatron
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    init_megatron(0, 1, ParallelSizes())
-    yield
-    teardown_megatron()
-    cpu.disable()
-
-
 def tiny_config(**overrides):
     from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, build_transformer_config
 

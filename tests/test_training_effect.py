@@ -5,14 +5,10 @@ Same data, same initial weights, same optimizer; three runs of tens of steps:
 - R_sp on: the specialization loss and the measured expert-activation similarity fall further,
 - R_cp on: routing becomes more decisive (routing entropy falls further, top-k mass rises).
 """
-import os
-
 import pytest
 import torch
 
-from megatron_moe_spec import cpu
 from megatron_moe_spec.specialization_config import SpecializationConfig
-from megatron_moe_spec.testing.distributed import ParallelSizes, free_port, init_megatron, teardown_megatron
 from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, build_model, build_transformer_config
 
 pytestmark = pytest.mark.timeout(600)
@@ -21,16 +17,6 @@ STEPS = 40
 SETTINGS = TinyGPTSettings(num_layers=2, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
                            hidden_size=64, micro_batch_size=4, seq_length=32, vocab_size=64,
                            moe_aux_loss_coeff=1e-2)
-
-
-@pytest.fixture(scope="module")
-def megatron_single_process():
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    init_megatron(0, 1, ParallelSizes())
-    yield
-    teardown_megatron()
-    cpu.disable()
 
 
 def batches(steps):

@@ -1,0 +1,19 @@
+"""Shared fixtures."""
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def megatron_single_process():
+    """A gloo world of one with the CPU backend and megatron-core's parallel state, in this process
+    (as in a real run after initialization); torn down, and the backend disabled, after the module."""
+    from megatron_moe_spec import cpu
+    from megatron_moe_spec.testing.distributed import ParallelSizes, free_port, init_megatron, teardown_megatron
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    init_megatron(0, 1, ParallelSizes())
+    yield
+    teardown_megatron()
+    cpu.disable()
