@@ -121,6 +121,7 @@ class _TokenGram(torch.autograd.Function):
     Saves only the input ``z`` (no fp32 copy, no gathered copy); backward is
     dL/dz[t] = (dL/dG[t] + dL/dG[t]^T) z[t], accumulated in fp32 and chunked over tokens like
     the forward when z is bf16/fp16 or a subset is used; rows outside the subset get 0.
+    First-order only (``once_differentiable``): no double backward through R_sp / L_o.
     """
 
     @staticmethod

@@ -80,32 +80,39 @@ def run_method(name, c):
         leaf.grad = None
 
 
-def bench_shape(T, k, F, E, dtype, repeats):
+def bench_shape(T, k, F, E, dtype, repeats, naive_max_elements):
     c = make_case(T, k, F, E, dtype)
-    times = {m: [] for m in METHODS}
-    for m in METHODS:  # warm-up
+    methods = [m for m in METHODS if m != "sp_naive" or T * k * F <= naive_max_elements]
+    times = {m: [] for m in methods}
+    for m in methods:  # warm-up
         run_method(m, c)
     for _ in range(repeats):
-        for m in METHODS:  # interleaved
+        for m in methods:  # interleaved
             t0 = time.perf_counter()
             run_method(m, c)
             times[m].append(time.perf_counter() - t0)
     med = {m: statistics.median(v) for m, v in times.items()}
     return {"T": T, "k": k, "F": F, "E": E, "dtype": str(dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(), "repeats": repeats,
             "median_ms": {m: 1e3 * v for m, v in med.items()},
-            "ratio_to_floor": {m: med[m] / med["floor"] for m in METHODS}}
+            "ratio_to_floor": {m: med[m] / med["floor"] for m in methods}}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 repeats (smoke test)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 7)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--naive-max-elements", type=int, default=1 << 23,
+                    help="time sp_naive only when T*k*F <= this (it is slow; default 2^23)")
     ap.add_argument("--experts", type=int, default=64, help="E for R_cp and L_v (default 64)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' = stdout)")
     args = ap.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
     repeats = args.repeats or (3 if args.quick else 7)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, z dtype {args.dtype}, "
           f"E={args.experts}, median of {repeats} interleaved repeats, forward+backward; "
@@ -116,12 +123,13 @@ def main(argv=None):
     print("-" * len(head))
     results = []
     for T, k, F in shapes:
-        r = bench_shape(T, k, F, args.experts, dtype, repeats)
+        r = bench_shape(T, k, F, args.experts, dtype, repeats, args.naive_max_elements)
         results.append(r)
         ms, ratio = r["median_ms"], r["ratio_to_floor"]
-        cells = " | ".join(f"{ms[m]:8.2f} ({ratio[m]:5.1f}x)" for m in METHODS[1:])
+        cells = " | ".join(f"{ms[m]:8.2f} ({ratio[m]:5.1f}x)" if m in ms else f"{'-':>18}"
+                           for m in METHODS[1:])
         print(f"{T:>6} {k:>2} {F:>5} | {ms['floor']:9.2f} | {cells}", flush=True)
-    print("cells: median ms (ratio to floor)")
+    print("cells: median ms (ratio to floor); '-' = not timed (sp_naive above --naive-max-elements)")
     if args.json:
         text = json.dumps(results, indent=1)
         if args.json == "-":

@@ -105,8 +105,9 @@ def test_routing_metrics_hand_computed():
     # E = 4, k = 2. A_t = {0,1}, {0,1}, {0,2}; token 3 masked (garbage index -1 must be ignored).
     # c = (3, 2, 1, 0): mean 1.5, pop. std sqrt(((1.5)^2 + .5^2 + .5^2 + 1.5^2)/4) = sqrt(1.25)
     #   CV = sqrt(1.25)/1.5 ; MaxVio = 3/1.5 - 1 = 1 ; dead = 1 (expert 3)
-    # co-activation, pairs with a non-empty union (all but none: expert 3 with 0 has union 3):
-    #   (0,1): 2/3  (0,2): 1/3  (0,3): 0/3  (1,2): 0/3  (1,3): 0/2  (2,3): 0/1  -> mean (1/3)/... = 1/6
+    # co-activation, #both / #either per pair; all 6 unions are non-empty (expert 3 is dead, but its
+    # partner is not): (0,1): 2/3  (0,2): 1/3  (0,3): 0/3  (1,2): 0/3  (1,3): 0/2  (2,3): 0/1
+    #   -> mean = (2/3 + 1/3) / 6 = 1/6
     probs = torch.tensor([[0.4, 0.4, 0.1, 0.1], [0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25],
                           [0.25, 0.25, 0.25, 0.25]])
     idx = torch.tensor([[0, 1], [1, 0], [2, 0], [-1, -1]])
