@@ -29,6 +29,9 @@ The patches, each with its reason (see also docs/cpu_backend.md):
    uneven split sizes by padding to the largest split and using the even tensor collectives.
 8. ``torch.compile`` of megatron's small fusion kernels (``jit_fuser``) is disabled: on CPU, inductor
    compile time dominates a tiny model and needs nothing it would gain.
+9. ``clip_grad_by_total_norm_fp32`` asserts that every gradient is a ``torch.cuda.FloatTensor``
+   (gradient clipping, ``clip_grad > 0``, in the optimizer step): the same scaling, checking for
+   fp32 instead of the CUDA type.
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ def enable(force: bool = False) -> bool:
         _patch_wrapped_torch_norm()
         _patch_uneven_collectives()
         _patch_jit_fuser()
+        _patch_clip_grads()
     except Exception:
         _restore_all()
         raise
@@ -442,6 +446,32 @@ def _patch_jit_fuser() -> None:
     from megatron.core import jit
 
     _set(jit, "jit_fuser", jit.noop_decorator)
+
+
+# ----------------------------------------------------------------------------- 9. clip grads
+def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's ``clip_grad_by_total_norm_fp32`` without its CUDA tensor-type assertion."""
+    from megatron.core.utils import to_local_if_dtensor
+
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = []
+    for param in parameters:
+        grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+        if grad is not None:
+            assert grad.dtype in ((torch.float32, torch.bfloat16) if use_decoupled_grad else (torch.float32,))
+            grads.append(to_local_if_dtensor(grad).detach())
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_clip_grads() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    for module in (clip_grads, optimizer):
+        _require(module, "clip_grad_by_total_norm_fp32")
+        _set(module, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32_cpu)
 
 
 def cpu_model_config_overrides() -> dict:

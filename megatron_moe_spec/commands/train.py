@@ -1,0 +1,54 @@
+"""``megatron-moe-spec train CONFIG [CONFIG ...] [--set KEY=VALUE ...]``
+
+One rank of a training run (launch several with torchrun: scripts/pretrain.sh). Everything that can
+be checked cheaply is checked before torch.distributed or any model exists: the config (keys, values,
+combinations, data and checkpoint paths), the parallel layout against WORLD_SIZE, the device and the
+optional wandb package. A problem: ``error: <key>: <message with the fix>`` on stderr, exit code 2.
+"""
+import argparse
+import importlib.util
+import os
+
+HELP = "train a model from run config(s) (one rank; launch with scripts/pretrain.sh / torchrun)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from megatron_moe_spec.commands.validate import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+def preflight(configs, overrides):
+    """Load and check everything that needs no process group; returns (cfg, sizes)."""
+    from megatron_moe_spec.run_config import ConfigError, load_run_config, validate_for_world_size
+
+    cfg = load_run_config(configs, overrides, check_paths=True)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    sizes = validate_for_world_size(cfg, world_size)
+    if cfg.training.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("training.device: cuda, but CUDA is not available here; set training.device: "
+                              "auto (CPU with gloo when there is no GPU) or cpu", key="training.device")
+    if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"logging.wandb_project: {cfg.logging.wandb_project!r} is set but the wandb package "
+                          f"is not installed; pip install wandb, or set logging.wandb_project: null",
+                          key="logging.wandb_project")
+    return cfg, sizes
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, _ = preflight(args.configs, args.overrides)
+    import warnings
+
+    # megatron-core's import-time notices about missing TE / apex say nothing new on CPU.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    from megatron_moe_spec.training.distributed import teardown
+    from megatron_moe_spec.training.loop import train
+
+    try:
+        train(cfg)
+    finally:
+        teardown()
+    return 0

@@ -1,0 +1,90 @@
+"""The auxiliary losses, read from megatron-core's MoE tracker and reduced as Megatron-LM does.
+
+Each MoE layer records its losses per micro-batch in megatron's layer-wise tracker
+(``save_to_aux_losses_tracker``): megatron's own (``load_balancing_loss``, ``z_loss``, ...) and ours
+(``specialization_loss``, ``coupling_loss``, ``orthogonality_loss``, ``variance_loss``, see
+``core.aux_losses``). ``reduce_aux_losses_tracker_across_ranks`` sums over pipeline stages and over
+the recorded reduce group (tensor x context parallel: each rank holds its partial), then averages
+over data parallel. It is a collective per name, so every rank registers every name up front (a
+stage without MoE layers would otherwise skip the collective and hang the others).
+
+megatron-core 0.16.1 records ``z_loss`` without a reduce group although each TP rank holds its share
+(coefficient / tp_cp size): we give it the tensor x context parallel group, so the logged value is
+the loss of the whole micro-batch.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+_LB_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+             "global_aux_loss": "global_load_balancing_loss"}
+
+
+def tracked_loss_names(cfg) -> List[str]:
+    """Every auxiliary loss this run records, megatron's first."""
+    from megatron_moe_spec.core.layer_specs import enabled_loss_names
+
+    m = cfg.model
+    if not m.is_moe:
+        return []
+    types = m.moe_router_load_balancing_type
+    coeffs = m.moe_aux_loss_coeff
+    types = types if isinstance(types, list) else [types]
+    coeffs = coeffs if isinstance(coeffs, list) else [coeffs] * len(types)
+    names = [_LB_NAMES[t] for t, c in zip(types, coeffs) if t in _LB_NAMES and c > 0]
+    if m.moe_z_loss_coeff:
+        names.append("z_loss")
+    return names + enabled_loss_names(cfg.specialization)
+
+
+def register(cfg, num_layers: int) -> List[str]:
+    """Create every tracked name on this rank with the group megatron reduces it over."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    device = torch.cuda.current_device() if torch.cuda.is_available() else torch.device("cpu")
+    tp_cp = parallel_state.get_tensor_and_context_parallel_group()
+    names = tracked_loss_names(cfg)
+    for name in names:
+        group, has_dp = tp_cp, False
+        if name == "global_load_balancing_loss":
+            group, has_dp = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True), True
+        entry = tracker.setdefault(name, {"values": torch.zeros(num_layers, device=device)})
+        entry.update(reduce_group=group, avg_group=None, reduce_group_has_dp=has_dp)
+    return names
+
+
+def read(names: List[str], num_microbatches: int, moe_layer_indices: List[int]) -> Dict[str, float]:
+    """Reduce (a collective: every rank) and return ``{name: mean over layers, name/layer_i: value}``.
+
+    Values are per micro-batch (the tracker sums micro-batches). ``coupling_loss`` is indexed by the
+    first layer of each adjacent MoE pair, so the last MoE layer has none.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import (
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    if "z_loss" in tracker:
+        tracker["z_loss"]["reduce_group"] = parallel_state.get_tensor_and_context_parallel_group()
+    reduce_aux_losses_tracker_across_ranks(names)
+    out: Dict[str, float] = {}
+    for name in names:
+        values = (tracker[name]["values"].double() / num_microbatches).cpu().tolist()
+        layers = moe_layer_indices[:-1] if name == "coupling_loss" else moe_layer_indices
+        per_layer = [values[i] for i in layers]
+        out[name] = sum(per_layer) / len(per_layer) if per_layer else float("nan")
+        for i, v in zip(layers, per_layer):
+            out[f"{name}/layer_{i}"] = v
+    return out
+
+
+def clear() -> None:
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()
