@@ -77,7 +77,7 @@ def sharded_state_dict(cfg, model_chunks, optimizer, scheduler, iteration: int, 
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     n = len(model_chunks)
-    state = {_model_key(i, n): chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+    state = {_model_key(i, n): _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_metadata(cfg))
     state["opt_param_scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
@@ -87,6 +87,10 @@ def sharded_state_dict(cfg, model_chunks, optimizer, scheduler, iteration: int, 
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         state["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
     return state
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)  # megatron's DDP wrapper
 
 
 def _rng_state() -> dict:
@@ -193,7 +197,13 @@ def load_checkpoint(cfg, ckpt_dir: str, model_chunks, optimizer, scheduler):
     loaded = dist_checkpointing.load(state, ckpt_dir)
     n = len(model_chunks)
     for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(loaded[_model_key(i, n)], strict=True)
+        result = _unwrap(chunk).load_state_dict(loaded[_model_key(i, n)], strict=False)
+        # Local (non-TE) linear layers save an empty _extra_state that their state_dict lacks.
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_world:

@@ -19,7 +19,13 @@ def build_transformer_config(cfg, cuda: bool):
 
     from megatron_moe_spec.run_config import megatron_config_kwargs
 
-    return TransformerConfig(**megatron_config_kwargs(cfg, cpu=not cuda))
+    kwargs = megatron_config_kwargs(cfg, cpu=not cuda)
+    # Initialize weights as on a GPU, through megatron's model-parallel RNG tracker (the CPU backend
+    # forks the CPU generator for it): expert weights get the expert-parallel seed of their EP rank.
+    # megatron's use_cpu_initialization draws every rank's local experts from the same CPU generator
+    # state, so with ep > 1 experts e and e + E/ep would start identical (measured on 0.16.1).
+    kwargs["use_cpu_initialization"] = False
+    return TransformerConfig(**kwargs)
 
 
 def build_model(cfg, config, cuda: bool) -> List[torch.nn.Module]:

@@ -8,9 +8,9 @@ the recorded reduce group (tensor x context parallel: each rank holds its partia
 over data parallel. It is a collective per name, so every rank registers every name up front (a
 stage without MoE layers would otherwise skip the collective and hang the others).
 
-megatron-core 0.16.1 records ``z_loss`` without a reduce group although each TP rank holds its share
-(coefficient / tp_cp size): we give it the tensor x context parallel group, so the logged value is
-the loss of the whole micro-batch.
+megatron-core 0.16.1 records ``z_loss`` without any group, as the mean over each rank's local tokens
+(its gradient coefficient is divided by the tp_cp size, the logged value is not): we average it over
+tensor x context x data parallel, so every rank logs the same value, the mean over the micro-batch.
 """
 from __future__ import annotations
 
@@ -49,11 +49,14 @@ def register(cfg, num_layers: int) -> List[str]:
     tp_cp = parallel_state.get_tensor_and_context_parallel_group()
     names = tracked_loss_names(cfg)
     for name in names:
-        group, has_dp = tp_cp, False
-        if name == "global_load_balancing_loss":
-            group, has_dp = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True), True
         entry = tracker.setdefault(name, {"values": torch.zeros(num_layers, device=device)})
-        entry.update(reduce_group=group, avg_group=None, reduce_group_has_dp=has_dp)
+        if name == "z_loss":
+            _fix_z_loss_groups(entry)
+        elif name == "global_load_balancing_loss":
+            entry.update(reduce_group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True),
+                         avg_group=None, reduce_group_has_dp=True)
+        else:
+            entry.update(reduce_group=tp_cp, avg_group=None, reduce_group_has_dp=False)
     return names
 
 
@@ -71,7 +74,7 @@ def read(names: List[str], num_microbatches: int, moe_layer_indices: List[int]) 
 
     tracker = get_moe_layer_wise_logging_tracker()
     if "z_loss" in tracker:
-        tracker["z_loss"]["reduce_group"] = parallel_state.get_tensor_and_context_parallel_group()
+        _fix_z_loss_groups(tracker["z_loss"])  # each save resets them
     reduce_aux_losses_tracker_across_ranks(names)
     out: Dict[str, float] = {}
     for name in names:
@@ -82,6 +85,13 @@ def read(names: List[str], num_microbatches: int, moe_layer_indices: List[int]) 
         for i, v in zip(layers, per_layer):
             out[f"{name}/layer_{i}"] = v
     return out
+
+
+def _fix_z_loss_groups(entry: dict) -> None:
+    from megatron.core import parallel_state
+
+    entry.update(reduce_group=None, reduce_group_has_dp=False,
+                 avg_group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
 
 
 def clear() -> None:
