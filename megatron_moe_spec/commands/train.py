@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_moe_spec.commands.validate import add_config_arguments
 
     add_config_arguments(parser)
+    parser.add_argument("--print-world-size", action="store_true",
+                        help="print the smallest number of processes the config runs on and exit "
+                             "(scripts/pretrain.sh uses it for NPROC_PER_NODE)")
 
 
 def preflight(configs, overrides):
@@ -38,7 +41,29 @@ def preflight(configs, overrides):
     return cfg, sizes
 
 
+def min_world_size(cfg) -> int:
+    """The smallest world size the config's parallel layout and batch sizes allow."""
+    import math
+
+    from megatron_moe_spec.run_config import ConfigError, validate_for_world_size
+
+    p = cfg.parallel
+    n = math.lcm(p.tp * p.pp * p.cp, p.resolved_etp * p.ep * p.pp)
+    for size in range(n, 64 * n + 1, n):
+        try:
+            validate_for_world_size(cfg, size)
+            return size
+        except ConfigError:
+            continue
+    return n
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.print_world_size:
+        from megatron_moe_spec.run_config import load_run_config
+
+        print(min_world_size(load_run_config(args.configs, args.overrides, check_paths=False)))
+        return 0
     cfg, _ = preflight(args.configs, args.overrides)
     import warnings
 

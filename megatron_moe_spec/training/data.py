@@ -51,7 +51,7 @@ def build_data(cfg, sizes) -> Data:
     gbs = sizes.global_batch_size
     train_samples = t.train_iters * gbs
     valid_samples = cfg.eval.iters * gbs if cfg.eval.interval > 0 else 0
-    num_samples = (train_samples, valid_samples or None, 0)
+    num_samples = (train_samples, valid_samples, 0)
     common = dict(seq_length=cfg.model.seq_length, num_samples=num_samples, seed=t.seed,
                   create_attention_mask=False)
     if d.type == "mock":
