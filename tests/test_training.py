@@ -61,6 +61,7 @@ def runs(tmp_path_factory):
     return {"full": full, "resumed": resumed, "first": first, "second": second}
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(600)
 def test_smoke_lm_loss_finite_and_decreasing(runs):
     recs = _records(os.path.join(runs["full"], "metrics.jsonl"))
@@ -80,6 +81,7 @@ def test_smoke_lm_loss_finite_and_decreasing(runs):
     assert "world size 2 (tp 2, pp 1, cp 1, dp 1, ep 2, etp 1)" in out
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(600)
 def test_smoke_every_loss_and_metric_mean_and_per_layer(runs):
     for r in _records(os.path.join(runs["full"], "metrics.jsonl")):
@@ -97,6 +99,7 @@ def test_smoke_every_loss_and_metric_mean_and_per_layer(runs):
         assert 0 < r["routing_entropy"] <= 1 and 0 <= r["activation_similarity"] <= 1
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(600)
 def test_smoke_routing_jsonl(runs):
     recs = _records(os.path.join(runs["full"], "routing.jsonl"))
@@ -117,6 +120,7 @@ def test_smoke_routing_jsonl(runs):
                 assert "transition" not in layer
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(600)
 def test_smoke_checkpoints_and_tensorboard(runs):
     ckpts = os.path.join(runs["full"], "checkpoints")
@@ -138,6 +142,7 @@ def test_smoke_checkpoints_and_tensorboard(runs):
     assert [e.step for e in acc.Scalars("lm loss")] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(600)
 def test_resume_reproduces_the_uninterrupted_run_exactly(runs):
     full = {r["step"]: r for r in _records(os.path.join(runs["full"], "metrics.jsonl"))}

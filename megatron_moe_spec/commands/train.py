@@ -38,6 +38,10 @@ def preflight(configs, overrides):
         raise ConfigError(f"logging.wandb_project: {cfg.logging.wandb_project!r} is set but the wandb package "
                           f"is not installed; pip install wandb, or set logging.wandb_project: null",
                           key="logging.wandb_project")
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard: true but the tensorboard package is not installed; pip "
+                          "install tensorboard (or megatron-moe-spec[report]), or set logging.tensorboard: "
+                          "false", key="logging.tensorboard")
     return cfg, sizes
 
 
