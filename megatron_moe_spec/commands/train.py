@@ -71,8 +71,12 @@ def run(args: argparse.Namespace) -> int:
     cfg, _ = preflight(args.configs, args.overrides)
     import warnings
 
-    # megatron-core's import-time notices about missing TE / apex say nothing new on CPU.
+    # Notices that say nothing actionable here: megatron-core's about missing TE / apex and its own
+    # deprecated defaults, and torch's about the collective names megatron-core calls.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+    warnings.filterwarnings("ignore", message=".*torch.distributed.all_gather_into_tensor.*is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_scatter_tensor.*is deprecated.*")
     from megatron_moe_spec.training.distributed import teardown
     from megatron_moe_spec.training.loop import train
 
