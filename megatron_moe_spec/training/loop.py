@@ -74,6 +74,7 @@ def train(cfg) -> Optional[Dict[str, float]]:
                                       data.num_domains, eps=spec.eps)
     aux_names = tracker.register(cfg, config.num_layers + (config.mtp_num_layers or 0))
     moe_modules = moe_layers(model)
+    coupling = tracker.coupling_layers(config, moe_indices) if moe_indices else []
 
     # ------------------------------------------------------------------ resume
     iteration, consumed = 0, 0
@@ -122,7 +123,7 @@ def train(cfg) -> Optional[Dict[str, float]]:
                                                       for e in range(cfg.eval.iters)], cfg))
                 record["val_lm_loss"] = float(val[0] / val[1])
             record["lr"] = lr
-            record.update(tracker.read(aux_names, sizes.num_microbatches, moe_indices))
+            record.update(tracker.read(aux_names, sizes.num_microbatches, moe_indices, coupling))
             matrices = None
             if metrics_pending:
                 values = layer_metrics.report()

@@ -60,11 +60,22 @@ def register(cfg, num_layers: int) -> List[str]:
     return names
 
 
-def read(names: List[str], num_microbatches: int, moe_layer_indices: List[int]) -> Dict[str, float]:
+def coupling_layers(config, moe_layer_indices: List[int]) -> List[int]:
+    """The 0-based layers that carry an R_cp value: the first layer of each adjacent MoE pair, except
+    pairs split across pipeline stages / model chunks, which the adapter leaves out (it warns)."""
+    from megatron_moe_spec.core.layer_specs import cross_stage_pairs
+
+    numbers = [i + 1 for i in moe_layer_indices]
+    split = {a for a, _ in cross_stage_pairs(config, numbers)}
+    return [n - 1 for n in numbers[:-1] if n not in split]
+
+
+def read(names: List[str], num_microbatches: int, moe_layer_indices: List[int],
+         coupling: List[int] = None) -> Dict[str, float]:
     """Reduce (a collective: every rank) and return ``{name: mean over layers, name/layer_i: value}``.
 
     Values are per micro-batch (the tracker sums micro-batches). ``coupling_loss`` is indexed by the
-    first layer of each adjacent MoE pair, so the last MoE layer has none.
+    first layer of each adjacent MoE pair (``coupling``, default: every MoE layer but the last).
     """
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_utils import (
@@ -79,9 +90,13 @@ def read(names: List[str], num_microbatches: int, moe_layer_indices: List[int]) 
     out: Dict[str, float] = {}
     for name in names:
         values = (tracker[name]["values"].double() / num_microbatches).cpu().tolist()
-        layers = moe_layer_indices[:-1] if name == "coupling_loss" else moe_layer_indices
+        layers = moe_layer_indices
+        if name == "coupling_loss":
+            layers = moe_layer_indices[:-1] if coupling is None else coupling
+        if not layers:  # e.g. R_cp when every adjacent MoE pair is split across pipeline stages
+            continue
         per_layer = [values[i] for i in layers]
-        out[name] = sum(per_layer) / len(per_layer) if per_layer else float("nan")
+        out[name] = sum(per_layer) / len(per_layer)
         for i, v in zip(layers, per_layer):
             out[f"{name}/layer_{i}"] = v
     return out
