@@ -34,6 +34,18 @@ def preflight(configs, overrides):
         if not torch.cuda.is_available():
             raise ConfigError("training.device: cuda, but CUDA is not available here; set training.device: "
                               "auto (CPU with gloo when there is no GPU) or cpu", key="training.device")
+    on_cpu = cfg.training.device == "cpu"
+    if cfg.training.device == "auto":
+        import torch
+
+        on_cpu = not torch.cuda.is_available()
+    if on_cpu and cfg.training.precision != "fp32":
+        raise ConfigError(f"training.precision: {cfg.training.precision} does not run on CPU (megatron-core's "
+                          f"mixed-precision optimizer needs CUDA tensors); set training.precision: fp32 "
+                          f"for a CPU run", key="training.precision")
+    if on_cpu and cfg.model.transformer_impl == "transformer_engine":
+        raise ConfigError("model.transformer_impl: transformer_engine needs a GPU; set model.transformer_impl: "
+                          "local for a CPU run", key="model.transformer_impl")
     if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"logging.wandb_project: {cfg.logging.wandb_project!r} is set but the wandb package "
                           f"is not installed; pip install wandb, or set logging.wandb_project: null",

@@ -90,7 +90,9 @@ def sharded_state_dict(cfg, model_chunks, optimizer, scheduler, iteration: int, 
 
 
 def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)  # megatron's DDP wrapper
+    from megatron_moe_spec.training.model import unwrap
+
+    return unwrap(chunk)
 
 
 def _rng_state() -> dict:

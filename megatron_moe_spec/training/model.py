@@ -53,6 +53,11 @@ def build_model(cfg, config, cuda: bool) -> List[torch.nn.Module]:
         )
         if cuda:
             model.cuda(torch.cuda.current_device())
+        if config.fp16 or config.bf16:
+            # As Megatron-LM: half-precision parameters, inputs cast in, fp32 logits/loss out.
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(config, model)
         chunks.append(model)
 
     ddp_config = DistributedDataParallelConfig(
@@ -86,6 +91,13 @@ def moe_layers(model_chunks):
     from megatron_moe_spec.core.moe_layer import SpecializationMoELayer
 
     return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, SpecializationMoELayer)]
+
+
+def unwrap(chunk):
+    """The GPTModel inside megatron's DDP (and Float16Module) wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def count_local_parameters(model_chunks) -> int:
