@@ -6,6 +6,8 @@
 #   scripts/demo.sh                      # a few minutes on 2 CPU cores
 #   DEMO_ITERS=100 scripts/demo.sh       # shorter
 #   MMS_NO_SETUP=1 scripts/demo.sh       # use the python on PATH instead of .venv (scripts/_env.sh)
+#   DEMO_RUN_DIR=runs/demo_lb scripts/demo.sh --set specialization.sp_coeff=0 --set specialization.cp_coeff=0
+#                                        # extra --set arguments go to the training (here: a baseline)
 #
 # Writes data/demo/ (the corpus, reused on re-runs) and runs/demo/ (the run directory, replaced).
 set -euo pipefail
@@ -40,7 +42,8 @@ MMS_NO_SETUP=1 PYTHON="$PY" NPROC_PER_NODE="$NPROC" "$ROOT/scripts/pretrain.sh" 
   --set checkpoint.save_interval=0 \
   --set checkpoint.resume=none \
   --set logging.progress_bar=false \
-  --set "logging.run_dir=$RUN"
+  --set "logging.run_dir=$RUN" \
+  "$@"
 echo "training took $(( $(date +%s) - start ))s"
 
 echo "== 3/3 summary ($RUN/metrics.jsonl)"

@@ -245,10 +245,21 @@ def _train_cli(tmp_path, args, env_extra=None):
     return result["rc"], result["heavy"], proc.stderr
 
 
-@pytest.mark.parametrize("case", ["wrong key", "impossible combination", "world size", "missing data path"])
+@pytest.mark.parametrize("case", ["wrong key", "impossible combination", "world size", "missing data path",
+                                  "half precision on CPU", "wandb not installed"])
 def test_config_errors_exit_2_naming_the_key_before_anything_is_built(tmp_path, case):
-    env = None
-    if case == "wrong key":
+    env = {"WORLD_SIZE": "2"}  # what torchrun sets for ci_smoke
+    if case == "wandb not installed":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is not None:
+            pytest.skip("wandb is installed here: the missing-package error cannot occur")
+        args = [CI_SMOKE, "--set", "logging.wandb_project=demo"]
+        key, fragments = "logging.wandb_project", ["pip install wandb", "logging.wandb_project: null"]
+    elif case == "half precision on CPU":
+        args = [CI_SMOKE, "--set", "training.precision=bf16"]
+        key, fragments = "training.precision", ["does not run on CPU", "fp32"]
+    elif case == "wrong key":
         bad = tmp_path / "bad.yaml"
         bad.write_text(f"include: {CI_SMOKE}\nmodel:\n  num_expert: 4\n")
         args, key, fragments = [str(bad)], "model.num_expert", ["bad.yaml", "did you mean model.num_moe_experts"]
