@@ -205,6 +205,14 @@ def _crash_while_saving(run_dir):
     after_resume = {"listing": sorted(os.listdir(root)), "latest": checkpointing.read_latest(root),
                     "steps": [r["step"] for r in _records(os.path.join(run_dir, "metrics.jsonl"))],
                     "last_step": last["step"]}
+    # The same run from scratch logging every 2 steps: each record averages its 2 steps.
+    teardown()
+    interval_dir = run_dir + "_interval2"
+    train(load_run_config([CI_SMOKE], overrides + [f"logging.run_dir={interval_dir}",
+                                                   "logging.log_interval=2", "checkpoint.save_interval=0",
+                                                   "checkpoint.save_final=false"]))
+    after_resume["per_step"] = _records(os.path.join(run_dir, "metrics.jsonl"))
+    after_resume["every_2"] = _records(os.path.join(interval_dir, "metrics.jsonl"))
     return after_crash, after_resume
 
 
@@ -228,6 +236,13 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert after_resume["latest"] == 4 and after_resume["last_step"] == 4
     assert after_resume["listing"] == ["iter_0000002", "iter_0000004", "latest"]
     assert after_resume["steps"] == [1, 2, 3, 4]
+    # log_interval 2: a record averages the steps since the previous one (loss and aux losses).
+    per_step, every_2 = after_resume["per_step"], after_resume["every_2"]
+    assert [r["step"] for r in every_2] == [2, 4]
+    for rec, pair in zip(every_2, (per_step[0:2], per_step[2:4])):
+        for key in ["lm_loss", "load_balancing_loss", "specialization_loss", "coupling_loss/layer_1"]:
+            assert rec[key] == pytest.approx((pair[0][key] + pair[1][key]) / 2, rel=1e-6), key
+        assert rec["lr"] == pair[1]["lr"]
 
 
 # ----------------------------------------------------------------------------- configuration errors

@@ -38,7 +38,8 @@ def train(cfg) -> Optional[Dict[str, float]]:
     from megatron_moe_spec.training.model import (
         build_model, build_optimizer, build_transformer_config, moe_layers)
     from megatron_moe_spec.training.reporting import Reporter, Throughput
-    from megatron_moe_spec.training.step import evaluate, lm_loss_totals, train_step
+    from megatron_moe_spec.training.step import (
+        evaluate, lm_loss_totals, local_lm_loss_totals, reduce_totals, train_step)
 
     t0 = time.perf_counter()
     cuda = use_cuda(cfg.training.device)
@@ -95,6 +96,9 @@ def train(cfg) -> Optional[Dict[str, float]]:
     throughput = Throughput(sizes.global_batch_size * cfg.model.seq_length)
     train_iters, gbs = cfg.training.train_iters, sizes.global_batch_size
     metrics_pending = False
+    # Since the previous record (Megatron-LM's convention: logged values average the interval):
+    interval_lm = torch.zeros(2, dtype=torch.float64)  # this rank's [loss_sum, tokens]
+    interval_steps = 0  # the MoE tracker keeps summing until it is read
     last: Optional[Dict[str, float]] = None
 
     # ------------------------------------------------------------------ the loop
@@ -108,6 +112,8 @@ def train(cfg) -> Optional[Dict[str, float]]:
         reports, _, skipped = train_step(model, optimizer, scheduler, batches, cfg,
                                          metrics_domains=metrics_now and data.num_domains > 0)
         iteration, consumed = step, consumed + gbs
+        interval_lm += local_lm_loss_totals(reports)
+        interval_steps += 1
         metrics_pending |= metrics_now
         throughput.step()
         reporter.advance()
@@ -115,7 +121,7 @@ def train(cfg) -> Optional[Dict[str, float]]:
         evaluate_now = valid_reader is not None and cfg.eval.interval > 0 and (
             step % cfg.eval.interval == 0 or step == train_iters)
         if step % cfg.logging.log_interval == 0 or evaluate_now or step == train_iters:
-            totals = lm_loss_totals(reports)
+            totals = reduce_totals(interval_lm)
             record = {"step": step, "lm_loss": float(totals[0] / totals[1])}
             record.update(throughput.read())  # before evaluation: training time only
             if evaluate_now:
@@ -123,7 +129,11 @@ def train(cfg) -> Optional[Dict[str, float]]:
                                                       for e in range(cfg.eval.iters)], cfg))
                 record["val_lm_loss"] = float(val[0] / val[1])
             record["lr"] = lr
-            record.update(tracker.read(aux_names, sizes.num_microbatches, moe_indices, coupling))
+            record.update(tracker.read(aux_names, sizes.num_microbatches * interval_steps, moe_indices,
+                                       coupling))
+            tracker.clear()
+            interval_lm.zero_()
+            interval_steps = 0
             matrices = None
             if metrics_pending:
                 values = layer_metrics.report()
@@ -137,7 +147,6 @@ def train(cfg) -> Optional[Dict[str, float]]:
             reporter.log(record, matrices)
             last = record
             throughput.reset()
-        tracker.clear()
 
         save_now = (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) or (
             step == train_iters and cfg.checkpoint.save_final)

@@ -1,4 +1,4 @@
-"""What a run reports: a console line (and a progress bar), RUN_DIR/metrics.jsonl, routing.jsonl,
+"""What a run reports (each record averages the steps since the previous one, see loop.py): a console line (and a progress bar), RUN_DIR/metrics.jsonl, routing.jsonl,
 TensorBoard and, when configured, Weights & Biases. Only the writer rank (rank 0, after the
 reductions) touches files; the other ranks get a ``Reporter`` that does nothing.
 

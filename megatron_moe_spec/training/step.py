@@ -93,11 +93,12 @@ def evaluate(model_chunks, step_batches, cfg) -> List[Dict[str, torch.Tensor]]:
     return reports
 
 
-def lm_loss_totals(reports) -> torch.Tensor:
-    """[loss_sum, num_tokens] over the whole global batch, on every rank (a world all-reduce).
+def local_lm_loss_totals(reports) -> torch.Tensor:
+    """This rank's [loss_sum, num_tokens] of ``reports`` (float64, CPU).
 
-    Only the last pipeline stage has loss reports; each tensor-parallel rank has the same ones, so TP
-    rank 0 contributes; the sum over the world is the sum over the data-parallel replicas.
+    Only the last pipeline stage has loss reports; every tensor-parallel rank has the same ones, so
+    only TP rank 0 counts them: summed over the world (:func:`reduce_totals`) they give the sum over
+    the data-parallel replicas (and context-parallel shards).
     """
     from megatron.core import parallel_state
 
@@ -106,9 +107,19 @@ def lm_loss_totals(reports) -> torch.Tensor:
             parallel_state.get_tensor_model_parallel_rank() == 0:
         for item in reports:
             totals += item["lm loss"].detach().double().cpu()
+    return totals
+
+
+def reduce_totals(totals: torch.Tensor) -> torch.Tensor:
+    """Sum over the world (a collective: every rank), result on every rank."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         totals = totals.to(device)
         torch.distributed.all_reduce(totals)
         totals = totals.cpu()
     return totals
+
+
+def lm_loss_totals(reports) -> torch.Tensor:
+    """[loss_sum, num_tokens] of ``reports`` over the whole global batch, on every rank."""
+    return reduce_totals(local_lm_loss_totals(reports))
