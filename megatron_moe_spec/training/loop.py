@@ -43,7 +43,7 @@ def train(cfg) -> Optional[Dict[str, float]]:
 
     t0 = time.perf_counter()
     cuda = use_cuda(cfg.training.device)
-    env = init_distributed(cfg.training.device)
+    init_distributed(cfg.training.device)
     sizes = validate_for_world_size(cfg, torch.distributed.get_world_size())
     init_model_parallel(sizes)
     set_seeds(cfg.training.seed)
