@@ -33,6 +33,7 @@ setup(
         "pyyaml>=6",
         "numpy",
         "packaging",
+        "tqdm",  # the training progress bar
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2"],

@@ -21,6 +21,7 @@ from typing import List, Optional
 
 SUBCOMMANDS = {
     "validate": "megatron_moe_spec.commands.validate",
+    "train": "megatron_moe_spec.commands.train",
     "prepare-data": "megatron_moe_spec.commands.prepare_data",
     "report": "megatron_moe_spec.commands.report",
 }

@@ -33,6 +33,9 @@ The patches, each with its reason (see also docs/cpu_backend.md):
    directions connect the same two ranks (pp=2 with interleaving): same-shaped activations and
    gradients are swapped from the third micro-batch on. Batched p2p goes through megatron's own
    unbatched, even/odd-ordered path instead.
+10. ``clip_grad_by_total_norm_fp32`` asserts that every gradient is a ``torch.cuda.FloatTensor``
+    (gradient clipping, ``clip_grad > 0``, in the optimizer step): the same scaling, checking for
+    fp32 instead of the CUDA type.
 """
 from __future__ import annotations
 
@@ -78,6 +81,7 @@ def enable(force: bool = False) -> bool:
         _patch_uneven_collectives()
         _patch_jit_fuser()
         _patch_batched_p2p()
+        _patch_clip_grads()
     except Exception:
         _restore_all()
         raise
@@ -461,6 +465,30 @@ def _patch_batched_p2p() -> None:
         return list(unbatched(**kwargs).values())
 
     _set(p2p_communication, "_batched_p2p_ops", batched_as_unbatched)
+# ----------------------------------------------------------------------------- 9. clip grads
+def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's ``clip_grad_by_total_norm_fp32`` without its CUDA tensor-type assertion."""
+    from megatron.core.utils import to_local_if_dtensor
+
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = []
+    for param in parameters:
+        grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+        if grad is not None:
+            assert grad.dtype in ((torch.float32, torch.bfloat16) if use_decoupled_grad else (torch.float32,))
+            grads.append(to_local_if_dtensor(grad).detach())
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_clip_grads() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    for module in (clip_grads, optimizer):
+        _require(module, "clip_grad_by_total_norm_fp32")
+        _set(module, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32_cpu)
 
 
 def cpu_model_config_overrides() -> dict:

@@ -274,8 +274,8 @@ class TrainingConfig:
 class DataConfig:
     """Training data."""
 
-    type: str = _f("mock", "mock (Megatron's MockGPTDataset, random tokens) or indexed "
-                   "(Megatron .bin/.idx files).", choices=("mock", "indexed"))
+    type: str = _f("mock", "mock (megatron-core's MockGPTDataset with synthetic, learnable "
+                   "documents of 3 domains; no files) or indexed (megatron-core .bin/.idx files).", choices=("mock", "indexed"))
     paths: List[str] = _f(
         help="indexed: dataset prefixes (PREFIX.bin and PREFIX.idx must exist); relative paths are "
         "relative to the working directory. Must be empty for mock.", default_factory=list)
@@ -285,8 +285,9 @@ class DataConfig:
     tokenizer_path: Optional[str] = _f(
         None, "indexed: the tokenizer (a HuggingFace tokenizer.json or directory); must exist.")
     domain_labels: bool = _f(
-        False, "Label each sequence with a domain = the index of its prefix in paths (for the "
-        "domain-specialization metric). indexed with >= 2 paths only.")
+        True, "Give the routing metrics each token's domain (expert x domain counts, domain_mi): the "
+        "per-token domain the dataset provides (the prepared corpus, mock data), else the index of the "
+        "token's prefix in paths (>= 2 paths). false = no domain metrics.")
 
 
 @dataclass
@@ -1005,11 +1006,8 @@ def _check_data(cfg: RunConfig, check_paths: bool) -> None:
             raise _err("data.weights", "must be non-negative with a positive sum")
     if d.type == "mock":
         if d.paths:
-            raise _err("data.paths", "is set but data.type is mock (random tokens, no files); set "
+            raise _err("data.paths", "is set but data.type is mock (synthetic tokens, no files); set "
                        "data.type: indexed or remove data.paths")
-        if d.domain_labels:
-            raise _err("data.domain_labels", "mock data has no domains; use data.type: indexed with one "
-                       "path per domain, or set domain_labels: false")
         return
     # indexed
     if not d.paths:
@@ -1018,19 +1016,26 @@ def _check_data(cfg: RunConfig, check_paths: bool) -> None:
     if d.tokenizer_path is None:
         raise _err("data.tokenizer_path", "data.type indexed needs the tokenizer the data was built with; "
                    "set data.tokenizer_path")
-    if d.domain_labels and len(d.paths) < 2:
-        raise _err("data.domain_labels", "domains are the entries of data.paths, and there is only one; "
-                   "give one prefix per domain or set domain_labels: false")
     if check_paths:
         for i, prefix in enumerate(d.paths):
-            missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+            missing = _missing_dataset_files(prefix)
             if missing:
                 raise _err(f"data.paths[{i}]", f"missing data path: {', '.join(missing)} not found (cwd "
-                           f"{os.getcwd()}); build the dataset first (prepare-data) or fix the prefix "
-                           f"(without .bin/.idx)")
+                           f"{os.getcwd()}); build the dataset first (scripts/prepare_data.sh DIR, then use "
+                           f"DIR/indexed/corpus; see prepare-data) or fix the prefix (without .bin/.idx)")
         if not os.path.exists(d.tokenizer_path):
             raise _err("data.tokenizer_path", f"missing data path: tokenizer {d.tokenizer_path!r} not found "
                        f"(cwd {os.getcwd()}); fix the path")
+
+
+def _missing_dataset_files(prefix: str) -> List[str]:
+    """The files a dataset prefix lacks: none when PREFIX.bin/.idx exist, or when it is a prepared
+    corpus prefix (PREFIX_train_text_document.bin/.idx, docs/data.md); else PREFIX.bin/.idx."""
+    plain = [prefix + ext for ext in (".bin", ".idx")]
+    corpus = [f"{prefix}_train_text_document{ext}" for ext in (".bin", ".idx")]
+    if all(os.path.isfile(f) for f in corpus):
+        return []
+    return [f for f in plain if not os.path.isfile(f)]
 
 
 # ====================================================================== world size

@@ -112,3 +112,20 @@ def test_uneven_gather_and_reduce_scatter_over_gloo():
     for rank, (gathered, scattered) in enumerate(results):
         assert torch.equal(gathered, expected_gather)
         assert torch.equal(scattered, full_sum[:1] if rank == 0 else full_sum[1:])
+
+
+def test_gradient_clipping_scales_cpu_grads(backend):
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    assert optimizer.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    p.grad, q.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+    optimizer.clip_grad_by_total_norm_fp32([p, q], max_norm=1.0, total_norm=13.0)
+    scale = 1.0 / (13.0 + 1e-6)
+    assert torch.allclose(p.grad, torch.tensor([3.0, 4.0]) * scale) and torch.allclose(q.grad, torch.tensor([12.0]) * scale)
+    optimizer.clip_grad_by_total_norm_fp32([p], max_norm=10.0, total_norm=0.5)  # below the max: untouched
+    assert torch.allclose(p.grad, torch.tensor([3.0, 4.0]) * scale)
+    with pytest.raises(AssertionError):  # fp32 gradients only, as megatron asserts (for CUDA tensors)
+        r = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        r.grad = torch.ones(1, dtype=torch.float64)
+        optimizer.clip_grad_by_total_norm_fp32([r], max_norm=1.0, total_norm=2.0)

@@ -501,7 +501,6 @@ ERROR_CASES = {
                                          ["recompute_granularity is none"]),
     "data split": (["data.split=90,10"], "data.split", ["three non-negative"]),
     "mock with paths": (["data.paths=[x]"], "data.paths", ["data.type is mock"]),
-    "mock with domains": (["data.domain_labels=true"], "data.domain_labels", ["mock data has no domains"]),
     "indexed without paths": (["data.type=indexed"], "data.paths", ["at least one dataset prefix"]),
     "indexed without tokenizer": (["data.type=indexed", "data.paths=[x]"], "data.tokenizer_path",
                                   ["set data.tokenizer_path"]),

@@ -94,7 +94,8 @@ def update(layer_number: int, record, z_TKF: Optional[torch.Tensor], incoming=No
     if stats.domain is not None and _REGISTRY.domains_SB is not None:
         domains = _REGISTRY.domains_SB.to(record.top1_T.device)
         if domains.numel() == record.top1_T.numel():
-            stats.domain.update(top1_as_idx, domains, valid)
+            # -1 = no domain (e.g. padding, or a dataset without labels): not counted.
+            stats.domain.update(top1_as_idx, domains.clamp(min=0), valid & (domains >= 0))
 
 
 def reset() -> None:
