@@ -33,6 +33,9 @@ setup(
         "pyyaml>=6",
         "numpy",
         "packaging",
+        # megatron-core's distributed-checkpoint writer measures its memory with psutil (and its save
+        # hangs without it); megatron-core does not declare it.
+        "psutil",
         "tqdm",  # the training progress bar
     ],
     extras_require={
