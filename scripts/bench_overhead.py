@@ -17,9 +17,10 @@ Time: median step time per variant after warm-up steps; ``step_time_ratio`` = me
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step (reset before it). On CPU there is no
 allocator counter, so we measure a *model* of peak training memory: static bytes (parameters, DDP's
-fp32 gradient buffer, AdamW state; identical across variants) + the bytes autograd saves for backward
-during the step's forward (unique storages, parameters excluded; with one micro-batch they are all alive
-at the end of the forward, where training memory peaks). ``peak_mem_ratio`` is that total over ``lb``'s;
+fp32 gradient buffer, AdamW state; identical across variants) + the peak over the step of the bytes
+autograd holds saved for backward (unique storages, parameters excluded, each from its save until its
+backward or until its graph is dropped; with one micro-batch the peak is at the end of the forward, where
+training memory peaks). ``peak_mem_ratio`` is that total over ``lb``'s;
 ``saved_bytes_ratio`` the activation part alone. Not seen on CPU: transient buffers inside an op and
 allocator fragmentation/caching. Under EP the larger of the two ranks is reported.
 
@@ -166,9 +167,10 @@ def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: 
         with meter:
             out = train_step(name)
         losses[name].append(lm_loss(out))
-        entry = {"static_bytes": sum(static.values()), "static": static, "saved_bytes": meter.bytes,
-                 "saved_storages": meter.storages}
-        entry["model_peak_bytes"] = entry["static_bytes"] + meter.bytes
+        entry = {"static_bytes": sum(static.values()), "static": static, "saved_bytes": meter.peak_bytes,
+                 "saved_total_bytes": meter.total_bytes, "saved_storages": meter.storages,
+                 "saved_live_after_step_bytes": meter.live_bytes}
+        entry["model_peak_bytes"] = entry["static_bytes"] + meter.peak_bytes
         if cuda:
             entry["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         memory[name] = entry

@@ -30,17 +30,32 @@ def test_saved_tensor_meter_counts_each_storage_once_and_skips_excluded():
     with SavedTensorMeter(exclude=[w]) as meter:
         h = x @ w                      # saves x (and w: excluded)
         y = (h[:, :2] * h[:, 2:]).sum()  # two views of h: h's storage once
-    assert meter.bytes == x.numel() * 4 + h.numel() * 4
+        assert meter.live_bytes == meter.peak_bytes == x.numel() * 4 + h.numel() * 4
+        y.backward()  # the hooks hand the saved data back: backward works, and frees what it used
+        assert meter.live_bytes == 0
     assert meter.storages == 2
+    assert torch.allclose(w.grad, x.t() @ torch.cat([h[:, 2:], h[:, :2]], 1).detach())
     xg = x.clone().requires_grad_(True)
     with SavedTensorMeter() as meter_all:
-        (xg @ w).sum()  # both operands need a gradient: both are saved
-    assert meter_all.bytes == (x.numel() + w.numel()) * 4
+        (xg @ w).sum()  # both operands need a gradient: both are saved; the graph is dropped at once
+    assert meter_all.peak_bytes == (x.numel() + w.numel()) * 4
+    assert meter_all.live_bytes == 0
     with torch.no_grad(), SavedTensorMeter() as meter_none:
         (xg @ w).sum()
-    assert meter_none.bytes == 0
-    y.backward()  # the hooks returned the tensors themselves: backward still works
-    assert w.grad is not None
+    assert meter_none.peak_bytes == 0
+
+
+def test_saved_tensor_meter_peak_is_the_largest_live_total():
+    x = torch.randn(100, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        a = x.exp().sum()    # exp saves its output: 400 bytes
+        del a                # graph dropped: freed
+        b = (x * 2).sin()    # sin saves its input (x * 2): 400 bytes
+        c = b.exp()          # exp saves its output: 400 more
+        assert meter.live_bytes == 800
+    assert meter.peak_bytes == 800
+    assert meter.total_bytes == 1200
+    del b, c
 
 
 def test_static_training_bytes_counts_params_grads_and_adam_state():

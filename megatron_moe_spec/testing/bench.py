@@ -1,11 +1,12 @@
 """Measuring helpers shared by the benchmark scripts (scripts/bench_exchange.py, scripts/bench_overhead.py).
 
 - :func:`count_collectives`: patch torch.distributed's collectives to add each call's payload bytes to a dict.
-- :class:`SavedTensorMeter`: the bytes autograd saves for backward during a forward, counted once per storage.
+- :class:`SavedTensorMeter`: the bytes autograd keeps saved for backward (peak of the live total, once per storage).
 - :func:`static_training_bytes`: parameters, gradient buffers and optimizer state of a model (unique storages).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Iterable, Optional, Set
 
 import torch
@@ -40,48 +41,75 @@ def _storage_key(t: torch.Tensor):
     return (t.device.type, s.data_ptr()), s.nbytes()
 
 
-class SavedTensorMeter:
-    """Bytes of the tensors autograd saves for backward inside the ``with`` block.
+class _Packed:
+    """What autograd holds for one saved tensor while the meter is on; its death = the entry freed."""
 
-    Counted once per underlying storage (views of one buffer count once, at the storage's full
-    size), skipping ``exclude`` storages (e.g. parameters: static memory, counted elsewhere).
-    Every saved tensor stays alive until the backward that uses it, so with one micro-batch the
-    sum is the activation memory alive at the end of the forward pass (a graph dropped before its
-    backward, if any, would still be counted: an over-estimate). Not seen: tensors kept
-    outside autograd's saved-tensor mechanism (e.g. attributes of a custom Function's ``ctx``),
-    and transient buffers freed within an op.
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class SavedTensorMeter:
+    """The bytes autograd keeps saved for backward inside the ``with`` block: their peak and total.
+
+    A storage counts once however many saved tensors (views) refer to it, at its full size, from the
+    first save until the last saved entry referring to it is freed (after the backward that used it,
+    or when its graph is dropped). ``peak_bytes`` is the largest such live total over the block
+    (with one micro-batch: at the end of the forward pass, where training memory peaks);
+    ``total_bytes`` counts every storage ever saved. ``exclude`` storages (e.g. parameters: static
+    memory, counted elsewhere) are skipped. Not seen: tensors kept outside autograd's saved-tensor
+    mechanism (e.g. attributes of a custom Function's ``ctx``), and transient buffers within an op.
     """
 
     def __init__(self, exclude: Optional[Iterable[torch.Tensor]] = None):
         self._exclude: Set = {_storage_key(t)[0] for t in (exclude or ())}
-        self._seen: Dict = {}
-        self._held: list = []
+        self._live: Dict = {}  # storage key -> [nbytes, live saved entries]
+        self._current = 0
+        self.peak_bytes = 0
+        self.total_bytes = 0
+        self.storages = 0
         self._hooks = None
 
     def _pack(self, t: torch.Tensor):
-        if t.layout == torch.strided and t.device.type != "meta":
-            key, nbytes = _storage_key(t)
-            if key not in self._exclude and key not in self._seen:
-                self._seen[key] = nbytes
-                # Hold the storage until the meter closes: were it freed early (a graph dropped before
-                # its backward), a later storage at the same address would be missed.
-                self._held.append(t.untyped_storage())
-        return t
+        if t.layout != torch.strided or t.device.type == "meta":
+            return t
+        key, nbytes = _storage_key(t)
+        if key in self._exclude:
+            return t
+        entry = self._live.get(key)
+        if entry is None:
+            entry = self._live[key] = [nbytes, 0]
+            self._current += nbytes
+            self.total_bytes += nbytes
+            self.storages += 1
+            self.peak_bytes = max(self.peak_bytes, self._current)
+        entry[1] += 1
+        # detach(): the same storage without autograd history. Holding ``t`` itself would tie a saved
+        # output to its own grad_fn (a cycle through C++ that Python's gc cannot break: a dropped
+        # graph would never be released). torch's own save_on_cpu hook likewise unpacks a plain tensor.
+        packed = _Packed(t.detach())
+        weakref.finalize(packed, self._release, key)
+        return packed
+
+    def _release(self, key):
+        entry = self._live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._live[key]
+            self._current -= entry[0]
 
     @staticmethod
-    def _unpack(t):
-        return t
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Packed) else packed
 
     @property
-    def bytes(self) -> int:
-        return sum(self._seen.values())
-
-    @property
-    def storages(self) -> int:
-        return len(self._seen)
+    def live_bytes(self) -> int:
+        return self._current
 
     def __enter__(self):
-        self._seen.clear()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
@@ -89,7 +117,6 @@ class SavedTensorMeter:
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
         self._hooks = None
-        self._held.clear()
         return False
 
 
