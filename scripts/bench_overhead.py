@@ -13,7 +13,10 @@ Variants (megatron's load-balancing loss, 1e-2, is always on; ``lb`` is stock me
     lb, lb_sp (R_sp 2e-3), lb_cp (R_cp 1e-3), lb_o (L_o 2e-3), lb_v (L_v 1e-3), lb_sp_cp, all (sp+cp+o+v),
     lb_metrics (routing metrics on every step, all coefficients 0), lb_again (a second lb: the A/A control)
 
-Time: median step time per variant after warm-up steps; ``step_time_ratio`` = median / median of ``lb``.
+Time: median step time per variant after warm-up steps; ``step_time_ratio`` = median / median of ``lb``
+(wall clock, rank 0), with the quartiles of the per-round ratios. ``cpu_time_ratio``: the same with the
+CPU seconds the step's processes consumed (``time.process_time``, summed over the ranks), which leaves
+out the time a process waits for a core held by another job (2 shared cores here: the quieter number).
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step (reset before it). On CPU there is no
 allocator counter, so we measure a *model* of peak training memory: static bytes (parameters, DDP's
@@ -132,6 +135,7 @@ def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: 
         return float(sum(float(o["lm loss"][0]) for o in out)) if out else float("nan")
 
     times = {n: [] for n in variants}
+    cpu_times = {n: [] for n in variants}
     losses = {n: [] for n in variants}
     comm = {}
     for step in range(warmup + steps):
@@ -143,16 +147,17 @@ def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: 
                 dist.barrier()
             if cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = train_step(name)
             if cuda:
                 torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             losses[name].append(lm_loss(out))
             if step == 0:
                 comm[name] = sum(v for k, v in counts.items() if k != "all_reduce")
             if step >= warmup:
                 times[name].append(elapsed)
+                cpu_times[name].append(cpu)
 
     # Memory: one more (untimed) step per variant.
     memory = {}
@@ -175,13 +180,17 @@ def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: 
             entry["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         memory[name] = entry
     return {"median_step_s": {n: statistics.median(t) for n, t in times.items()},
-            "step_times_s": times, "memory": memory, "lm_losses": losses, "token_comm_bytes": comm,
+            "step_times_s": times, "step_cpu_s": cpu_times, "memory": memory, "lm_losses": losses, "token_comm_bytes": comm,
             "cuda": cuda, "threads": torch.get_num_threads()}
 
 
 def summarize(ranks: list, variants: list) -> dict:
     rank0 = ranks[0]
     med = rank0["median_step_s"]
+    # CPU time of a step: this process's CPU seconds (all its threads), summed over the ranks. Time a
+    # process waits while another job holds the core is not in it: far less noisy than wall time here.
+    cpu = {n: [sum(step) for step in zip(*(r["step_cpu_s"][n] for r in ranks))] for n in variants}
+    cpu_med = {n: statistics.median(v) for n, v in cpu.items()}
     mem_key = "cuda_max_allocated_bytes" if rank0["cuda"] else "model_peak_bytes"
     peak = {n: max(r["memory"][n][mem_key] for r in ranks) for n in variants}
     saved = {n: max(r["memory"][n]["saved_bytes"] for r in ranks) for n in variants}
@@ -197,6 +206,9 @@ def summarize(ranks: list, variants: list) -> dict:
         out[n] = {
             "step_time_ratio": med[n] / med["lb"],
             "paired_ratio_quartiles": [q[0], q[1], q[2]],
+            "cpu_time_ratio": cpu_med[n] / cpu_med["lb"],
+            "median_step_cpu_s": cpu_med[n],
+            "step_cpu_s": cpu[n],
             "peak_mem_ratio": peak[n] / peak["lb"],
             "saved_bytes_ratio": saved[n] / saved["lb"],
             "median_step_s": med[n],
@@ -240,7 +252,7 @@ def main(argv=None) -> dict:
                          "shapes": {n: shapes[n] for n in shape_names}, "threads_per_process": 1}}
     print(f"warm-up {warmup}, timed {steps} steps per variant (interleaved); one thread per process")
     header = (f"{'shape':<9} {'mode':<13} {'variant':<11} {'step ms':>8} {'time x':>7} {'paired IQR':>13} "
-              f"{'peak mem x':>10} "
+              f"{'cpu x':>6} {'peak mem x':>10} "
               f"{'saved MB':>9} {'saved x':>8} {'token comm MB':>13}")
     print(header)
     print("-" * len(header))
@@ -257,13 +269,14 @@ def main(argv=None) -> dict:
                 s = summary[n]
                 q = s["paired_ratio_quartiles"]
                 print(f"{shape_name:<9} {mode:<13} {n:<11} {1e3 * s['median_step_s']:8.1f} "
-                      f"{s['step_time_ratio']:7.3f} {q[0]:6.3f}-{q[2]:<6.3f} {s['peak_mem_ratio']:10.4f} {s['saved_bytes'] / 1e6:9.2f} "
+                      f"{s['step_time_ratio']:7.3f} {q[0]:6.3f}-{q[2]:<6.3f} {s['cpu_time_ratio']:6.3f} {s['peak_mem_ratio']:10.4f} {s['saved_bytes'] / 1e6:9.2f} "
                       f"{s['saved_bytes_ratio']:8.3f} {s['token_comm_bytes'] / 1e6:13.2f}", flush=True)
             spread = summary["lb"]["lm_loss_max_abs_diff_vs_lb"]
             if not spread <= 1e-5 or not math.isfinite(spread):
                 raise AssertionError(f"{shape_name}/{mode}: the variants' LM losses differ by {spread}: "
                                      "their weights or data are not identical")
-    print("time x = median step / lb's; paired IQR = quartiles of the per-round ratios; lb_again = a second "
+    print("time x = median step / lb's; paired IQR = quartiles of the per-round ratios; cpu x = median CPU seconds of a step "
+          "(process time, summed over ranks) / lb's; lb_again = a second "
           "copy of lb (A/A control: its distance from 1 is measurement noise); peak mem x = (static + saved-for-backward) / lb's (CPU model, see "
           "--help); saved x = saved-for-backward bytes / lb's; token comm = all-to-all/gather/reduce-scatter "
           "payload per step")

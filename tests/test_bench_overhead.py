@@ -90,7 +90,8 @@ def test_quick_run_structure_and_ratios(quick_results):
         table = results[shape]["single"]
         assert set(table) == set(bench.VARIANTS)
         for variant, row in table.items():
-            for key in ("step_time_ratio", "peak_mem_ratio", "saved_bytes_ratio", "median_step_s"):
+            for key in ("step_time_ratio", "cpu_time_ratio", "peak_mem_ratio", "saved_bytes_ratio",
+                        "median_step_s", "median_step_cpu_s"):
                 value = row[key]
                 assert isinstance(value, float) and math.isfinite(value) and value > 0, (shape, variant, key, value)
             assert len(row["step_times_s"]) == results["setup"]["steps"]
@@ -98,7 +99,7 @@ def test_quick_run_structure_and_ratios(quick_results):
             assert row["lm_loss_max_abs_diff_vs_lb"] <= 1e-5
             # static memory (params, grad buffer, AdamW state) is the same model in every variant
             assert row["static_bytes"] == table["lb"]["static_bytes"] > 0
-        for key in ("step_time_ratio", "peak_mem_ratio", "saved_bytes_ratio"):
+        for key in ("step_time_ratio", "cpu_time_ratio", "peak_mem_ratio", "saved_bytes_ratio"):
             assert table["lb"][key] == 1.0
         # the A/A control is the same model: the same bytes, to the byte
         assert table["lb_again"]["saved_bytes"] == table["lb"]["saved_bytes"]
