@@ -188,7 +188,7 @@ def summarize(ranks: list, variants: list) -> dict:
     rank0 = ranks[0]
     med = rank0["median_step_s"]
     # CPU time of a step: this process's CPU seconds (all its threads), summed over the ranks. Time a
-    # process waits while another job holds the core is not in it: far less noisy than wall time here.
+    # process waits (for a core held by another job, or for its peer in a collective) is not in it.
     cpu = {n: [sum(step) for step in zip(*(r["step_cpu_s"][n] for r in ranks))] for n in variants}
     cpu_med = {n: statistics.median(v) for n, v in cpu.items()}
     mem_key = "cuda_max_allocated_bytes" if rank0["cuda"] else "model_peak_bytes"
