@@ -29,35 +29,12 @@ VARIANTS = {
 }
 
 
-def _count_collectives():
-    """Patch torch.distributed's collectives in this process to add their payload bytes to a dict."""
-    import torch.distributed as dist
-
-    counts = {"all_to_all": 0, "all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
-
-    def wrap(name, key, tensor_arg):
-        original = getattr(dist, name)
-
-        def counted(*args, **kwargs):
-            tensor = args[tensor_arg] if len(args) > tensor_arg else None
-            if tensor is not None and hasattr(tensor, "numel"):
-                counts[key] += tensor.numel() * tensor.element_size()
-            return original(*args, **kwargs)
-
-        setattr(dist, name, counted)
-
-    wrap("all_to_all_single", "all_to_all", 1)       # (output, input, ...): bytes sent
-    wrap("all_gather_into_tensor", "all_gather", 1)  # (output, input): bytes contributed
-    wrap("reduce_scatter_tensor", "reduce_scatter", 1)
-    wrap("all_reduce", "all_reduce", 0)
-    return counts
-
-
 def bench_rank(dispatcher: str, steps: int, hidden: int, ffn: int, experts: int, topk: int, seq: int, mbs: int):
     import torch
 
     from megatron_moe_spec.core.layer_specs import get_moe_block_spec
     from megatron_moe_spec.specialization_config import SpecializationConfig
+    from megatron_moe_spec.testing.bench import count_collectives
     from megatron_moe_spec.testing.tiny_gpt import (
         TinyGPTSettings, build_model, build_transformer_config, local_microbatches, run_step)
 
@@ -72,7 +49,7 @@ def bench_rank(dispatcher: str, steps: int, hidden: int, ffn: int, experts: int,
         spec = functools.partial(get_moe_block_spec, spec_config=SpecializationConfig(**coeffs))
         models[name] = build_model(config, settings, spec)
     batches = local_microbatches(settings)
-    counts = _count_collectives()
+    counts = count_collectives()
     bytes_per_step, times = {}, {name: [] for name in VARIANTS}
     for step in range(steps + 1):
         for name, chunks in models.items():  # interleaved: machine noise hits every variant alike

@@ -1,0 +1,143 @@
+"""Measuring helpers shared by the benchmark scripts (scripts/bench_exchange.py, scripts/bench_overhead.py).
+
+- :func:`count_collectives`: patch torch.distributed's collectives to add each call's payload bytes to a dict.
+- :class:`SavedTensorMeter`: the bytes autograd keeps saved for backward (peak of the live total, once per storage).
+- :func:`static_training_bytes`: parameters, gradient buffers and optimizer state of a model (unique storages).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, Iterable, Optional, Set
+
+import torch
+
+
+def count_collectives() -> Dict[str, int]:
+    """Patch torch.distributed's collectives in this process to add their payload bytes to a dict."""
+    import torch.distributed as dist
+
+    counts = {"all_to_all": 0, "all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
+
+    def wrap(name, key, tensor_arg):
+        original = getattr(dist, name)
+
+        def counted(*args, **kwargs):
+            tensor = args[tensor_arg] if len(args) > tensor_arg else None
+            if tensor is not None and hasattr(tensor, "numel"):
+                counts[key] += tensor.numel() * tensor.element_size()
+            return original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    wrap("all_to_all_single", "all_to_all", 1)       # (output, input, ...): bytes sent
+    wrap("all_gather_into_tensor", "all_gather", 1)  # (output, input): bytes contributed
+    wrap("reduce_scatter_tensor", "reduce_scatter", 1)
+    wrap("all_reduce", "all_reduce", 0)
+    return counts
+
+
+def _storage_key(t: torch.Tensor):
+    s = t.untyped_storage()
+    return (t.device.type, s.data_ptr()), s.nbytes()
+
+
+class _Packed:
+    """What autograd holds for one saved tensor while the meter is on; its death = the entry freed."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class SavedTensorMeter:
+    """The bytes autograd keeps saved for backward inside the ``with`` block: their peak and total.
+
+    A storage counts once however many saved tensors (views) refer to it, at its full size, from the
+    first save until the last saved entry referring to it is freed (after the backward that used it,
+    or when its graph is dropped). ``peak_bytes`` is the largest such live total over the block
+    (with one micro-batch: at the end of the forward pass, where training memory peaks);
+    ``total_bytes`` counts every storage ever saved. ``exclude`` storages (e.g. parameters: static
+    memory, counted elsewhere) are skipped. Not seen: tensors kept outside autograd's saved-tensor
+    mechanism (e.g. attributes of a custom Function's ``ctx``), and transient buffers within an op.
+    """
+
+    def __init__(self, exclude: Optional[Iterable[torch.Tensor]] = None):
+        self._exclude: Set = {_storage_key(t)[0] for t in (exclude or ())}
+        self._live: Dict = {}  # storage key -> [nbytes, live saved entries]
+        self._current = 0
+        self.peak_bytes = 0
+        self.total_bytes = 0
+        self.storages = 0
+        self._hooks = None
+
+    def _pack(self, t: torch.Tensor):
+        if t.layout != torch.strided or t.device.type == "meta":
+            return t
+        key, nbytes = _storage_key(t)
+        if key in self._exclude:
+            return t
+        entry = self._live.get(key)
+        if entry is None:
+            entry = self._live[key] = [nbytes, 0]
+            self._current += nbytes
+            self.total_bytes += nbytes
+            self.storages += 1
+            self.peak_bytes = max(self.peak_bytes, self._current)
+        entry[1] += 1
+        # detach(): the same storage without autograd history. Holding ``t`` itself would tie a saved
+        # output to its own grad_fn (a cycle through C++ that Python's gc cannot break: a dropped
+        # graph would never be released). torch's own save_on_cpu hook likewise unpacks a plain tensor.
+        packed = _Packed(t.detach())
+        weakref.finalize(packed, self._release, key)
+        return packed
+
+    def _release(self, key):
+        entry = self._live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._live[key]
+            self._current -= entry[0]
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Packed) else packed
+
+    @property
+    def live_bytes(self) -> int:
+        return self._current
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+        return False
+
+
+def static_training_bytes(parameters: Iterable[torch.Tensor], optimizer=None) -> Dict[str, int]:
+    """Unique-storage bytes of parameters, their gradient buffers (``main_grad`` / ``grad``) and
+    the optimizer's state tensors."""
+    params = list(parameters)
+
+    def unique_bytes(tensors) -> int:
+        seen = {}
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.numel() > 0:
+                key, nbytes = _storage_key(t)
+                seen[key] = nbytes
+        return sum(seen.values())
+
+    grads = [getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad
+             for p in params]
+    state = []
+    if optimizer is not None:
+        for s in optimizer.state.values():
+            state.extend(v for v in s.values() if isinstance(v, torch.Tensor))
+    return {"params": unique_bytes(params), "grads": unique_bytes(g for g in grads if g is not None),
+            "optimizer_state": unique_bytes(state)}
