@@ -1394,8 +1394,8 @@ _SPECIALIZATION_HELP = {
     "sp_max_tokens": "Evaluate R_sp and L_o on an evenly strided subset of at most this many valid tokens "
                      "per micro-batch; null = all tokens.",
     "cp_form": "R_cp form: product (-mean M^l M^l') or log (-mean log(M^l M^l' + 1e-9)).",
-    "cp_pipeline": "MoE pairs split across pipeline stages: exact (computed exactly) or skip (left out "
-                   "with a start-up warning naming them).",
+    "cp_pipeline": "MoE pairs split across pipeline stages: skip (left out with a start-up "
+                   "warning naming them; exact transport across stages is not implemented).",
     "v_form": "L_v form: paper (variance over tokens of each expert's gate) or per_token.",
     "eps": "eps of the cosine / projection denominators (fp32).",
     "metrics": "Compute and log the routing metrics (no gradient).",
@@ -1408,7 +1408,7 @@ _STR_TYPES = {"float": "a number", "int": "an integer", "bool": "true or false",
 _SPECIALIZATION_TYPES = {
     "sp_similarity": "squared_cosine \\| abs_cosine",
     "cp_form": "product \\| log",
-    "cp_pipeline": "exact \\| skip",
+    "cp_pipeline": "skip",
     "v_form": "paper \\| per_token",
 }
 

@@ -13,7 +13,9 @@ from typing import Optional
 SP_SIMILARITIES = ("squared_cosine", "abs_cosine")
 CP_FORMS = ("product", "log")
 V_FORMS = ("paper", "per_token")
-CP_PIPELINE_POLICIES = ("exact", "skip")
+CP_PIPELINE_POLICIES = ("skip",)
+"""Only ``skip`` exists today: exact transport of M^l across a pipeline stage boundary is not
+implemented (docs/parallelism.md), and an option that silently did something else would lie."""
 
 
 @dataclass
@@ -40,9 +42,9 @@ class SpecializationConfig:
     micro-batch; None = all tokens."""
     cp_form: str = "product"
     """R_cp form: ``product`` = -mean M^l M^l', ``log`` = -mean log(M^l M^l' + 1e-9)."""
-    cp_pipeline: str = "exact"
-    """Adjacent MoE layers on different pipeline stages: ``exact`` (M^l travels with the
-    activations) or ``skip`` (the pair is left out, with a start-up warning naming it)."""
+    cp_pipeline: str = "skip"
+    """Adjacent MoE layers on different pipeline stages / model chunks: ``skip`` (the pair is left out
+    of R_cp, with a start-up warning naming it; the spec's second option). The only value today."""
     v_form: str = "paper"
     """L_v form: ``paper`` (variance over tokens of each expert's gate) or ``per_token``."""
     eps: float = 1e-6
