@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import shutil
@@ -88,13 +87,7 @@ def _settings(args) -> dict:
 
 
 def _build_key(settings: dict) -> dict:
-    from megatron_moe_spec.data.corpus import CORPUS_FORMAT_VERSION, source_versions
-
-    def version(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
+    from megatron_moe_spec.data.corpus import CORPUS_FORMAT_VERSION, package_version as version, source_versions
 
     return {
         "corpus_format_version": CORPUS_FORMAT_VERSION,

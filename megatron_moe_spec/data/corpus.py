@@ -257,14 +257,17 @@ def collect_documents(domains: Sequence[str] = DOMAINS, root: Optional[str] = No
     return _materialize(collect_candidates(domains, root))
 
 
+def package_version(dist: str) -> str:
+    """The installed version of a distribution, or ``"not installed"``."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def source_versions() -> Dict[str, str]:
     """The versions of everything the documents are made from (recorded in the manifest)."""
-    def version(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
+    version = package_version
     return {
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
