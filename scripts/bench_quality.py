@@ -278,8 +278,9 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=None,
                    help="processes per run (expert parallel = nproc; default 2)")
     p.add_argument("--out", default=os.path.join("runs", "bench_quality"), help="output root of the run dirs")
-    p.add_argument("--data", default=None, help="corpus folder (prepared when missing; default data/demo, "
-                                               "with --quick OUT/data)")
+    p.add_argument("--data", default=None, help="corpus folder (default data/demo, with --quick OUT/data), "
+                                               "prepared with the benchmark's settings: built when missing, "
+                                               "reused when its manifest matches, rebuilt otherwise")
     p.add_argument("--table", default=None, help="markdown table path (default OUT/table.md); JSON beside it")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {' '.join(QUICK_VARIANTS)} on tiny_vanilla, 1 seed, {QUICK_ITERS} steps, "
