@@ -368,3 +368,32 @@ def test_nan_null_and_partial_metrics(tmp_path):
     cell = re.search(r'data-metric="lm_loss" data-stat="last"[^>]*>([^<]+)<', html).group(1)
     assert cell == "inf"  # the diverged end is reported, not hidden
     assert summary_cell(html, "diverged", "lm_loss", "min") == pytest.approx(10 / 45, rel=1e-3)
+
+
+# ---------------------------------------------------------------------- domain names
+def test_domain_names_from_the_run_dirs_domains_json(tmp_path):
+    """The driver writes RUN_DIR/domains.json (training.reporting.write_domain_names); the report's
+    expert x domain panels take their column names from it (before the config, before numbers)."""
+    from megatron_moe_spec.training.reporting import write_domain_names
+
+    run_dir = str(tmp_path / "run")
+    # a run whose config has no domain names (like a real run's resolved config)
+    write_synthetic_run(run_dir, domains=("a", "b", "c"), extra_config={"data": {"type": "indexed"}})
+    assert load_run(run_dir).domain_names(3) == ["domain 0", "domain 1", "domain 2"]
+
+    assert write_domain_names(run_dir, None) is None and write_domain_names(run_dir, []) is None
+    path = write_domain_names(run_dir, ["prose", "code", "technical"])
+    assert path == os.path.join(run_dir, "domains.json")
+    with open(path) as f:
+        assert json.load(f) == {"domains": ["prose", "code", "technical"]}
+    run = load_run(run_dir)
+    assert run.domains == ["prose", "code", "technical"]
+    assert run.domain_names(3) == ["prose", "code", "technical"]
+    assert run.domain_names(2) == ["domain 0", "domain 1"]  # a count mismatch is not trusted
+    panels = plots.domain_panels(run, run.routing_layers)
+    assert panels and all(p.col_names == ["prose", "code", "technical"] for p in panels)
+
+    with open(path, "w") as f:
+        f.write("{not json")
+    run = load_run(run_dir)
+    assert run.domains is None and any("domains.json" in w for w in run.warnings)

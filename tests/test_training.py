@@ -130,6 +130,8 @@ def test_smoke_checkpoints_and_tensorboard(runs):
     assert os.path.isfile(os.path.join(ckpts, "iter_0000003", "metadata.json"))
     with open(os.path.join(runs["full"], "config.yaml")) as f:
         assert "run_dir: " + runs["full"] in f.read()
+    with open(os.path.join(runs["full"], "domains.json")) as f:  # the data's domain names, for the report
+        assert json.load(f) == {"domains": ["mock_0", "mock_1", "mock_2"]}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(os.path.join(runs["full"], "tensorboard"))

@@ -1,7 +1,8 @@
 """Reading a run directory (docs/design.md, "Run directory") into a small ``Run`` object.
 
-Only three files are read: ``config.yaml`` (optional), ``metrics.jsonl`` (required) and
-``routing.jsonl`` (optional). Every key other than ``step`` is optional: a run without validation
+Four files are read: ``config.yaml`` (optional), ``metrics.jsonl`` (required),
+``routing.jsonl`` (optional) and ``domains.json`` (optional: the data's domain names, written by the
+training driver). Every key other than ``step`` is optional: a run without validation
 has no ``val_lm_loss``, a run without R_sp has no ``specialization_loss``, the last MoE layer has no
 ``transition``, data without domain labels gives no ``expert_domain``.
 
@@ -24,6 +25,7 @@ import numpy as np
 METRICS_FILE = "metrics.jsonl"
 ROUTING_FILE = "routing.jsonl"
 CONFIG_FILE = "config.yaml"
+DOMAINS_FILE = "domains.json"
 
 #: Auxiliary losses, in the order the report shows them (docs/design.md).
 AUX_LOSSES = (
@@ -60,6 +62,8 @@ class Run:
     last_matrices: Dict[str, Dict[int, Tuple[int, np.ndarray]]] = field(default_factory=dict)
     """matrix name -> layer -> (step, matrix) of the latest step that carries it."""
     warnings: List[str] = field(default_factory=list)
+    domains: Optional[List[str]] = None
+    """Domain names (id = position) from ``RUN_DIR/domains.json``, when the run wrote one."""
 
     # ------------------------------------------------------------------ metrics
     def series(self, key: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -126,8 +130,11 @@ class Run:
         return np.asarray([s for s, _ in entries], dtype=float), out
 
     def domain_names(self, n_domains: int) -> List[str]:
-        """Domain labels from the config (a list of ``n_domains`` strings under a key named
-        ``domains`` or ``domain_names`` anywhere in it), else ``domain 0``, ``domain 1``, ..."""
+        """Domain labels: ``RUN_DIR/domains.json`` (the training driver writes it), else the config
+        (a list of ``n_domains`` strings under a key named ``domains`` or ``domain_names`` anywhere
+        in it), else ``domain 0``, ``domain 1``, ..."""
+        if self.domains is not None and len(self.domains) == n_domains:
+            return list(self.domains)
         found = _find_domain_names(self.config, n_domains)
         return found if found else [f"domain {d}" for d in range(n_domains)]
 
@@ -184,6 +191,7 @@ def load_run(path: str) -> Run:
         metrics=metrics,
         warnings=warnings,
     )
+    run.domains = _read_domains(os.path.join(path, DOMAINS_FILE), warnings)
     routing_path = os.path.join(path, ROUTING_FILE)
     if os.path.isfile(routing_path):
         _read_routing(routing_path, run)
@@ -288,6 +296,21 @@ def _read_routing(path: str, run: Run) -> None:
         layer: [(s, per_step[s]) for s in sorted(per_step)] for layer, per_step in tokens.items()
     }
     run.last_matrices = {name: per_layer for name, per_layer in last.items() if per_layer}
+
+
+def _read_domains(path: str, warnings: List[str]) -> Optional[List[str]]:
+    """The names of ``domains.json`` (``{"domains": [names...]}``); None when absent or unreadable."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = json.load(f)["domains"]
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return list(names)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    warnings.append(f"{path}: not a {{\"domains\": [names...]}} file; domains shown by number")
+    return None
 
 
 def _find_domain_names(node, n: int):

@@ -37,7 +37,7 @@ def train(cfg) -> Optional[Dict[str, float]]:
     from megatron_moe_spec.training.data import BatchReader, build_data, valid_step_batches
     from megatron_moe_spec.training.model import (
         build_model, build_optimizer, build_transformer_config, moe_layers)
-    from megatron_moe_spec.training.reporting import Reporter, Throughput
+    from megatron_moe_spec.training.reporting import Reporter, Throughput, write_domain_names
     from megatron_moe_spec.training.step import (
         evaluate, lm_loss_totals, local_lm_loss_totals, reduce_totals, train_step)
 
@@ -85,6 +85,8 @@ def train(cfg) -> Optional[Dict[str, float]]:
         if writer:
             print(f"resumed from {ckpt}: iteration {iteration}, {consumed} samples consumed", flush=True)
     if writer:
+        if data.num_domains:
+            write_domain_names(run_dir, data.domain_names)  # RUN_DIR/domains.json, for the report
         domains = f"{data.num_domains} domains" if data.num_domains else "no domains"
         print(f"data: {cfg.data.type}, {len(data.train)} train samples"
               f"{f', {len(data.valid)} valid samples' if data.valid is not None else ''}, {domains}; "

@@ -35,6 +35,23 @@ def _jsonable(obj):
     return obj
 
 
+DOMAINS_FILE = "domains.json"
+
+
+def write_domain_names(run_dir: str, names) -> Optional[str]:
+    """Write ``RUN_DIR/domains.json`` = ``{"domains": [names...]}`` (id = position; the corpus's own
+    format, docs/data.md) so the report can label domains; None (nothing written) without names."""
+    if not names:
+        return None
+    path = os.path.join(run_dir, DOMAINS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"domains": [str(n) for n in names]}, f)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
 def truncate_jsonl(path: str, last_step: int) -> None:
     """Keep the records with ``step <= last_step`` (atomically)."""
     if not os.path.isfile(path):

@@ -1,0 +1,336 @@
+#!/usr/bin/env python
+"""The quality benchmark (issue 6, "the paper's Table at small scale"): train a grid of loss variants x
+architectures x seeds on the offline multi-domain corpus and tabulate validation perplexity and the
+routing metrics per (architecture, variant), mean and standard deviation over the seeds. docs/results.md.
+
+    PYTHONPATH=$PWD python scripts/bench_quality.py --out runs/bench_quality --table docs/results_table.md
+    PYTHONPATH=$PWD python scripts/bench_quality.py --quick --out /tmp/bq --table /tmp/bq/table.md   # smoke
+    PYTHONPATH=$PWD python scripts/bench_quality.py --aggregate-only --out runs/bench_quality --table T.md
+
+Each run trains ``configs/<arch>.yaml`` + ``configs/variants/<variant>.yaml`` into its own run directory
+``OUT/<arch>/<variant>/seed_<seed>/`` (its console output beside it, ``seed_<seed>.log``). A run whose
+metrics.jsonl already reaches the last step is skipped, so an interrupted grid is continued by running the
+same command again; an unfinished run is started over (the benchmark saves no intermediate checkpoints).
+The corpus is prepared once (``--data``, reused when its manifest matches), as scripts/demo.sh does.
+
+The table (``--table``, markdown; the same numbers as JSON next to it, ``.json``) has one row per
+(arch, variant): the number of finished seeds, validation perplexity exp(last ``val_lm_loss``) and the
+last-logged value of each routing metric (``METRICS``), each as mean +- sample standard deviation over
+the seeds (ddof 1; no std with one seed). ``aggregate`` is a pure function of run directories.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = ("lb", "lb_z", "lb_o_v", "lb_sp", "lb_cp", "lb_sp_cp", "lb_z_sp_cp")
+ARCHS = ("tiny_vanilla", "tiny_deepseek")
+QUICK_VARIANTS = ("lb", "lb_sp_cp")
+BASE_SEED = 1234  # configs/base/tiny.yaml's training.seed: seed i of the grid is BASE_SEED + i
+#: The last-logged metrics of the table (metrics.jsonl keys, docs/design.md), after perplexity.
+METRICS = ("routing_entropy", "topk_mass", "load_cv", "max_vio", "activation_similarity", "pathway_nmi",
+           "domain_mi", "tokens_per_sec")
+PPL = "val_ppl"
+#: The corpus of the full benchmark: scripts/demo.sh's (3 domains x 400 kB, 512-token BPE).
+DATA_ARGS = ("--vocab-size", "512", "--max-bytes-per-domain", "400000")
+QUICK_DATA_ARGS = ("--tiny",)
+DEFAULT_ITERS = 300
+QUICK_ITERS = 10
+
+
+# ------------------------------------------------------------------------------------------ the grid
+def run_dir(out: str, arch: str, variant: str, seed: int) -> str:
+    return os.path.join(out, arch, variant, f"seed_{seed}")
+
+
+def read_metrics(path: str) -> List[dict]:
+    """metrics.jsonl of a run directory, one merged record per step in step order (a resumed run
+    re-logs steps: later values win); malformed lines (a run killed mid-write) are skipped."""
+    by_step: Dict[int, dict] = {}
+    try:
+        f = open(os.path.join(path, "metrics.jsonl"))
+    except OSError:
+        return []
+    with f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+                by_step.setdefault(int(rec["step"]), {}).update(rec)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def last_step(path: str) -> Optional[int]:
+    records = read_metrics(path)
+    return records[-1]["step"] if records else None
+
+
+def is_complete(path: str, iters: int) -> bool:
+    """The run's metrics.jsonl reaches step ``iters`` (the final record, with its validation loss)."""
+    step = last_step(path)
+    return step is not None and step >= iters
+
+
+def data_overrides(data_dir: str) -> List[str]:
+    return ["data.type=indexed", f"data.paths=[{data_dir}/indexed/corpus]",
+            f"data.tokenizer_path={data_dir}/tokenizer"]
+
+
+def train_command(arch: str, variant: str, seed: int, iters: int, nproc: int, data_dir: str, rdir: str,
+                  python: str = sys.executable, master_port: Optional[int] = None) -> List[str]:
+    """The argv of one run: ``megatron-moe-spec train`` (under torchrun when ``nproc`` > 1, then with
+    expert parallelism ``nproc`` and the all-to-all dispatcher, as scripts/demo.sh)."""
+    configs = [os.path.join(ROOT, "configs", f"{arch}.yaml"),
+               os.path.join(ROOT, "configs", "variants", f"{variant}.yaml")]
+    sets = data_overrides(data_dir) + [
+        f"training.seed={seed}",
+        f"training.train_iters={iters}",
+        "checkpoint.save_interval=0",
+        "checkpoint.resume=none",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        f"logging.run_dir={rdir}",
+    ]
+    if iters < 100:  # short runs (--quick, tests): warm-up must be shorter than the run; evaluate at the end
+        sets += [f"training.lr_warmup_iters={max(1, iters // 5)}", f"eval.interval={iters}"]
+    if nproc > 1:
+        sets += [f"parallel.ep={nproc}", "model.moe_token_dispatcher_type=alltoall"]
+    train = ["-m", "megatron_moe_spec", "train", *configs, *[a for s in sets for a in ("--set", s)]]
+    if nproc <= 1:
+        return [python, *train]
+    port = master_port if master_port is not None else _free_port()
+    return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(port), *train]
+
+
+def grid(archs: Sequence[str], variants: Sequence[str], seeds: int) -> List[Tuple[str, str, int]]:
+    return [(a, v, BASE_SEED + i) for a in archs for v in variants for i in range(seeds)]
+
+
+def plan(out: str, archs, variants, seeds: int, iters: int):
+    """[(arch, variant, seed, run_dir, done)] of the grid, ``done`` = skipped (already complete)."""
+    return [(a, v, s, run_dir(out, a, v, s), is_complete(run_dir(out, a, v, s), iters))
+            for a, v, s in grid(archs, variants, seeds)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def prepare_corpus(data_dir: str, quick: bool, python: str = sys.executable) -> None:
+    """prepare-data into ``data_dir`` (a no-op when its manifest matches: reused)."""
+    args = QUICK_DATA_ARGS if quick else DATA_ARGS
+    subprocess.run([python, "-m", "megatron_moe_spec.commands.prepare_data", "--output", data_dir, *args],
+                   cwd=ROOT, env=_env(), check=True)
+
+
+def run_grid(out: str, archs, variants, seeds: int, iters: int, nproc: int, data_dir: str,
+             keep_checkpoints: bool = False, python: str = sys.executable, log=print) -> List[str]:
+    """Train every unfinished run of the grid, in order; returns the run directories that failed."""
+    failed = []
+    todo = plan(out, archs, variants, seeds, iters)
+    for n, (arch, variant, seed, rdir, done) in enumerate(todo, 1):
+        tag = f"[{n}/{len(todo)}] {arch} {variant} seed {seed}"
+        if done:
+            log(f"{tag}: complete ({rdir}), skipped")
+            continue
+        if os.path.exists(rdir):  # unfinished (interrupted or failed): start over
+            shutil.rmtree(rdir)
+        os.makedirs(os.path.dirname(rdir), exist_ok=True)
+        cmd = train_command(arch, variant, seed, iters, nproc, data_dir, rdir, python)
+        log_path = rdir + ".log"
+        start = time.perf_counter()
+        with open(log_path, "w") as logf:
+            logf.write(" ".join(cmd) + "\n")
+            logf.flush()
+            rc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=logf, stderr=subprocess.STDOUT).returncode
+        took = time.perf_counter() - start
+        if rc != 0 or not is_complete(rdir, iters):
+            failed.append(rdir)
+            log(f"{tag}: FAILED (exit {rc}) after {took:.0f}s; see {log_path}")
+            continue
+        if not keep_checkpoints:
+            shutil.rmtree(os.path.join(rdir, "checkpoints"), ignore_errors=True)
+        log(f"{tag}: done in {took:.0f}s")
+    return failed
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+def _last(records: List[dict], key: str) -> Optional[float]:
+    """The last finite value of ``key`` (null/NaN records skipped); None when never logged."""
+    for rec in reversed(records):
+        value = rec.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def run_values(records: List[dict]) -> Dict[str, Optional[float]]:
+    """One run's table entries: ``val_ppl`` = exp(last val_lm_loss), then the last of each METRICS."""
+    val = _last(records, "val_lm_loss")
+    out = {PPL: math.exp(val) if val is not None else None}
+    out.update({key: _last(records, key) for key in METRICS})
+    return out
+
+
+def mean_std(values: Iterable[Optional[float]]) -> Dict[str, Optional[float]]:
+    """Mean and sample standard deviation (ddof 1) of the values that are not None; std None for
+    fewer than two values, both None for none."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return {"mean": mean, "std": std, "n": len(xs)}
+
+
+def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
+    """Pure: ``{(arch, variant): [run_dir, ...]}`` -> one row per group, in the given order:
+    ``{"arch", "variant", "seeds", "runs", PPL: {"mean", "std", "n"}, metric: {...}, ...}``."""
+    rows = []
+    for (arch, variant), dirs in groups.items():
+        per_run = [run_values(read_metrics(d)) for d in dirs]
+        row = {"arch": arch, "variant": variant, "seeds": len(dirs), "runs": list(dirs)}
+        for key in (PPL,) + METRICS:
+            row[key] = mean_std(r[key] for r in per_run)
+        rows.append(row)
+    return rows
+
+
+def collect(out: str, archs, variants, seeds: int, iters: int) -> Dict[Tuple[str, str], List[str]]:
+    """The complete runs of the grid, grouped by (arch, variant) (groups without one are left out)."""
+    groups: Dict[Tuple[str, str], List[str]] = {}
+    for arch, variant, _, rdir, done in plan(out, archs, variants, seeds, iters):
+        if done:
+            groups.setdefault((arch, variant), []).append(rdir)
+    return groups
+
+
+COLUMNS = ((PPL, "val ppl", ".2f"), ("routing_entropy", "routing entropy", ".3f"),
+           ("topk_mass", "top-k mass", ".3f"), ("load_cv", "load CV", ".3f"), ("max_vio", "MaxVio", ".3f"),
+           ("activation_similarity", "act. similarity", ".3f"), ("pathway_nmi", "pathway NMI", ".3f"),
+           ("domain_mi", "domain MI", ".3f"), ("tokens_per_sec", "tokens/s", ",.0f"))
+
+
+def _cell(stat: Dict[str, Optional[float]], fmt: str) -> str:
+    if stat["mean"] is None:
+        return "–"
+    text = format(stat["mean"], fmt)
+    return text if stat["std"] is None else f"{text} ± {format(stat['std'], fmt)}"
+
+
+def markdown_table(rows: List[dict], title: Optional[str] = None) -> str:
+    """The rows as a markdown table: mean ± std over seeds (no ± with one seed, – when never logged)."""
+    header = ["arch", "variant", "seeds"] + [label for _, label, _ in COLUMNS]
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(COLUMNS)) + "|"]
+    for row in rows:
+        cells = [row["arch"], row["variant"], str(row["seeds"])]
+        cells += [_cell(row[key], fmt) for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± sample std (ddof 1) over seeds of the last logged value of each run; val ppl = "
+              "exp(last val_lm_loss). Metrics are means over MoE layers (docs/design.md)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: List[dict], path: str, title: Optional[str] = None, meta: Optional[dict] = None) -> str:
+    """Write ``path`` (markdown) and ``path`` with .json (the rows and ``meta``); returns the markdown."""
+    text = markdown_table(rows, title)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump({"meta": meta or {}, "rows": rows}, f, indent=1)
+        f.write("\n")
+    return text
+
+
+# ------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS, metavar="VARIANT",
+                   help=f"loss variants (configs/variants/; default all: {' '.join(VARIANTS)})")
+    p.add_argument("--archs", nargs="+", default=None, choices=ARCHS, metavar="ARCH",
+                   help=f"architectures (configs/; default {' '.join(ARCHS)})")
+    p.add_argument("--seeds", type=int, default=None, help=f"seeds per cell (default 3; seed i = {BASE_SEED}+i)")
+    p.add_argument("--iters", type=int, default=None, help=f"training steps per run (default {DEFAULT_ITERS})")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes per run (expert parallel = nproc; default 2)")
+    p.add_argument("--out", default=os.path.join("runs", "bench_quality"), help="output root of the run dirs")
+    p.add_argument("--data", default=None, help="corpus folder (default data/demo, with --quick OUT/data), "
+                                               "prepared with the benchmark's settings: built when missing, "
+                                               "reused when its manifest matches, rebuilt otherwise")
+    p.add_argument("--table", default=None, help="markdown table path (default OUT/table.md); JSON beside it")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {' '.join(QUICK_VARIANTS)} on tiny_vanilla, 1 seed, {QUICK_ITERS} steps, "
+                        "1 process, the --tiny corpus (explicit options override)")
+    p.add_argument("--aggregate-only", action="store_true", help="train nothing: tabulate the complete runs")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.variants = a.variants or list(QUICK_VARIANTS if q else VARIANTS)
+    a.archs = a.archs or (["tiny_vanilla"] if q else list(ARCHS))
+    a.seeds = a.seeds if a.seeds is not None else (1 if q else 3)
+    a.iters = a.iters if a.iters is not None else (QUICK_ITERS if q else DEFAULT_ITERS)
+    a.nproc = a.nproc if a.nproc is not None else (1 if q else 2)
+    a.data = os.path.abspath(a.data or (os.path.join(a.out, "data") if q else os.path.join(ROOT, "data", "demo")))
+    a.out = os.path.abspath(a.out)
+    a.table = a.table or os.path.join(a.out, "table.md")
+    if a.seeds < 1 or a.iters < 1 or a.nproc < 1:
+        p.error("--seeds, --iters and --nproc must be positive")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    failed: List[str] = []
+    if a.dry_run:
+        for arch, variant, seed, rdir, done in plan(a.out, a.archs, a.variants, a.seeds, a.iters):
+            cmd = train_command(arch, variant, seed, a.iters, a.nproc, a.data, rdir, master_port=0)
+            print(("# complete, skipped: " if done else "") + " ".join(cmd))
+        return 0
+    start = time.perf_counter()
+    if not a.aggregate_only:
+        prepare_corpus(a.data, a.quick)
+        failed = run_grid(a.out, a.archs, a.variants, a.seeds, a.iters, a.nproc, a.data, a.keep_checkpoints)
+    groups = collect(a.out, a.archs, a.variants, a.seeds, a.iters)
+    rows = aggregate(groups)
+    meta = {"archs": a.archs, "variants": a.variants, "seeds": a.seeds, "iters": a.iters, "nproc": a.nproc,
+            "data": a.data, "out": a.out, "quick": a.quick, "failed": failed,
+            "wall_s": round(time.perf_counter() - start, 1)}
+    title = f"Quality benchmark{' (SMOKE RUN, --quick: not results)' if a.quick else ''}: {a.iters} steps, " \
+            f"{a.seeds} seed(s), {a.nproc} process(es)"
+    print(write_table(rows, a.table, title, meta), end="")
+    print(f"wrote {a.table} and {os.path.splitext(a.table)[0]}.json")
+    missing = len(grid(a.archs, a.variants, a.seeds)) - sum(len(v) for v in groups.values())
+    if failed or missing:
+        print(f"{missing} run(s) of the grid are not complete" + (f"; failed: {', '.join(failed)}" if failed else ""),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

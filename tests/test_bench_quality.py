@@ -1,0 +1,223 @@
+"""scripts/bench_quality.py: the aggregation on synthetic run dirs (checked by hand), the markdown table,
+and the grid runner's command construction and skip logic (no training: one real run takes ~15 s of
+imports and steps per variant on a free core, too slow for CI; the end-to-end --quick run is `slow`)."""
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from megatron_moe_spec.report.synthetic import write_synthetic_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts" / "bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bq = _load_script()
+
+
+def _write_metrics(path, records):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _std(xs):
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+# ----------------------------------------------------------------------------- aggregation
+def test_aggregate_synthetic_runs_by_hand(tmp_path):
+    """Three synthetic seeds of one cell: mean and sample std of exp(last val_lm_loss) and of the last
+    logged value of every metric, recomputed here from metrics.jsonl."""
+    dirs = [str(write_synthetic_run(str(tmp_path / f"s{seed}"), seed=seed, train_steps=100)) for seed in range(3)]
+    rows = bq.aggregate({("tiny_vanilla", "lb_sp_cp"): dirs})
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["arch"], row["variant"], row["seeds"]) == ("tiny_vanilla", "lb_sp_cp", 3)
+    last = []
+    for d in dirs:
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            recs = [json.loads(line) for line in f]
+        last.append({"val_ppl": math.exp([r for r in recs if "val_lm_loss" in r][-1]["val_lm_loss"]),
+                     **{k: recs[-1][k] for k in bq.METRICS}})
+    for key in ("val_ppl",) + bq.METRICS:
+        xs = [entry[key] for entry in last]
+        assert row[key]["n"] == 3, key
+        assert row[key]["mean"] == pytest.approx(sum(xs) / 3, rel=1e-12), key
+        assert row[key]["std"] == pytest.approx(_std(xs), rel=1e-9), key
+    assert len({entry["val_ppl"] for entry in last}) == 3  # the seeds differ: the std is not trivially 0
+
+
+def test_aggregate_hand_numbers_missing_and_null_values(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    _write_metrics(a, [{"step": 5, "val_lm_loss": 9.0, "load_cv": 0.9},
+                       {"step": 10, "val_lm_loss": math.log(10.0), "load_cv": 0.5, "domain_mi": None}])
+    # a resumed run re-logs step 10 (later values win); a null load_cv falls back to the last finite one
+    _write_metrics(b, [{"step": 5, "load_cv": 0.3}, {"step": 10, "val_lm_loss": 1.0, "load_cv": 0.7},
+                       {"step": 10, "val_lm_loss": math.log(20.0), "load_cv": None}])
+    _write_metrics(c, [{"step": 10, "lm_loss": 3.0}])  # no validation, no metrics
+    rows = bq.aggregate({("A", "lb"): [a, b], ("A", "lb_sp"): [c], ("B", "lb"): [a]})
+    assert [(r["arch"], r["variant"], r["seeds"]) for r in rows] == [("A", "lb", 2), ("A", "lb_sp", 1), ("B", "lb", 1)]
+    ppl, cv = rows[0]["val_ppl"], rows[0]["load_cv"]
+    assert ppl["mean"] == pytest.approx(15.0) and ppl["std"] == pytest.approx(math.sqrt(50.0)) and ppl["n"] == 2
+    assert cv["mean"] == pytest.approx(0.4) and cv["std"] == pytest.approx(math.sqrt(0.02))
+    assert rows[0]["domain_mi"] == {"mean": None, "std": None, "n": 0}
+    assert rows[1]["val_ppl"] == {"mean": None, "std": None, "n": 0}
+    assert rows[2]["val_ppl"]["mean"] == pytest.approx(10.0) and rows[2]["val_ppl"]["std"] is None
+
+    text = bq.markdown_table(rows, "T")
+    lines = text.splitlines()
+    assert lines[0] == "## T"
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header == ["arch", "variant", "seeds", "val ppl", "routing entropy", "top-k mass", "load CV",
+                      "MaxVio", "act. similarity", "pathway NMI", "domain MI", "tokens/s"]
+    cells = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert cells[:5] == ["A", "lb", "2", f"15.00 ± {math.sqrt(50):.2f}", "–"]
+    assert cells[header.index("load CV")] == f"0.400 ± {math.sqrt(0.02):.3f}"
+    assert cells[header.index("domain MI")] == "–"
+    assert [c.strip() for c in lines[5].strip("|").split("|")][3] == "–"
+    assert [c.strip() for c in lines[6].strip("|").split("|")][3] == "10.00"  # one seed: no ±
+
+
+def test_write_table_markdown_and_json(tmp_path):
+    d = str(write_synthetic_run(str(tmp_path / "r"), train_steps=50))
+    rows = bq.aggregate({("tiny_deepseek", "lb"): [d]})
+    path = str(tmp_path / "out" / "table.md")
+    text = bq.write_table(rows, path, "Smoke", {"iters": 50})
+    assert open(path).read() == text and "| tiny_deepseek | lb | 1 |" in text
+    data = json.load(open(str(tmp_path / "out" / "table.json")))
+    assert data["meta"] == {"iters": 50} and data["rows"][0]["val_ppl"]["n"] == 1
+
+
+# ----------------------------------------------------------------------------- the grid runner
+def test_train_command_single_process_and_torchrun():
+    cmd = bq.train_command("tiny_deepseek", "lb_sp", 1235, 300, 1, "/d", "/o/r", python="PY")
+    assert cmd[:4] == ["PY", "-m", "megatron_moe_spec", "train"]
+    assert cmd[4:6] == [str(ROOT / "configs" / "tiny_deepseek.yaml"), str(ROOT / "configs" / "variants" / "lb_sp.yaml")]
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    for s in ["data.type=indexed", "data.paths=[/d/indexed/corpus]", "data.tokenizer_path=/d/tokenizer",
+              "training.seed=1235", "training.train_iters=300", "checkpoint.resume=none",
+              "checkpoint.save_interval=0", "logging.run_dir=/o/r"]:
+        assert s in sets
+    assert not any(s.startswith(("parallel.ep", "training.lr_warmup_iters", "eval.interval")) for s in sets)
+
+    cmd = bq.train_command("tiny_vanilla", "lb", 1234, 10, 2, "/d", "/o/r", python="PY", master_port=555)
+    assert cmd[:3] == ["PY", "-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and cmd[cmd.index("--master_port") + 1] == "555"
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    assert {"parallel.ep=2", "model.moe_token_dispatcher_type=alltoall", "training.lr_warmup_iters=2",
+            "eval.interval=10"} <= set(sets)
+    for arch in bq.ARCHS:
+        assert (ROOT / "configs" / f"{arch}.yaml").is_file()
+    for variant in bq.VARIANTS:
+        assert (ROOT / "configs" / "variants" / f"{variant}.yaml").is_file()
+
+
+def test_train_command_configs_validate():
+    """Every (arch, variant) command's configs and --set overrides pass the config validation."""
+    from megatron_moe_spec.run_config import load_run_config, validate_for_world_size
+
+    for arch in bq.ARCHS:
+        for variant in bq.VARIANTS:
+            for iters, nproc in ((10, 1), (300, 2)):
+                cmd = bq.train_command(arch, variant, 1234, iters, nproc, "/d", "/o/r", python="PY", master_port=1)
+                train = cmd[cmd.index("train") + 1:]
+                configs = train[:2]
+                sets = [train[i + 1] for i, a in enumerate(train) if a == "--set"]
+                cfg = load_run_config(configs, sets, check_paths=False)
+                validate_for_world_size(cfg, nproc)
+
+
+def test_grid_skips_complete_runs_and_restarts_unfinished(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    complete = bq.run_dir(out, "tiny_vanilla", "lb", 1234)
+    partial = bq.run_dir(out, "tiny_vanilla", "lb", 1235)
+    _write_metrics(complete, [{"step": 5}, {"step": 10, "val_lm_loss": 2.0}])
+    _write_metrics(partial, [{"step": 5, "lm_loss": 3.0}])
+    with open(os.path.join(partial, "stale"), "w") as f:
+        f.write("x")
+    assert bq.is_complete(complete, 10) and not bq.is_complete(partial, 10) and not bq.is_complete(out, 10)
+    steps = [(a, v, s, done) for a, v, s, _, done in bq.plan(out, ["tiny_vanilla"], ["lb", "lb_sp"], 2, 10)]
+    assert steps == [("tiny_vanilla", "lb", 1234, True), ("tiny_vanilla", "lb", 1235, False),
+                     ("tiny_vanilla", "lb_sp", 1234, False), ("tiny_vanilla", "lb_sp", 1235, False)]
+
+    calls = []
+
+    def fake_run(cmd, cwd, env, stdout, stderr):  # "trains": writes the final record, and a checkpoint
+        rdir = next(a for a in cmd if a.startswith("logging.run_dir=")).split("=", 1)[1]
+        calls.append(rdir)
+        assert not os.path.exists(os.path.join(rdir, "stale"))  # the unfinished run was started over
+        seed = int(rdir.rsplit("_", 1)[1])
+        _write_metrics(rdir, [{"step": 10, "val_lm_loss": 1.0 + (seed - 1234), "load_cv": 0.1}])
+        os.makedirs(os.path.join(rdir, "checkpoints"))
+        return subprocess.CompletedProcess(cmd, 1 if rdir.endswith(os.path.join("lb_sp", "seed_1235")) else 0)
+
+    monkeypatch.setattr(bq.subprocess, "run", fake_run)
+    failed = bq.run_grid(out, ["tiny_vanilla"], ["lb", "lb_sp"], 2, 10, 1, "/d", log=lambda *a: None)
+    assert calls == [partial, bq.run_dir(out, "tiny_vanilla", "lb_sp", 1234), bq.run_dir(out, "tiny_vanilla", "lb_sp", 1235)]
+    assert failed == [bq.run_dir(out, "tiny_vanilla", "lb_sp", 1235)]
+    assert not os.path.exists(os.path.join(partial, "checkpoints"))  # dropped unless --keep-checkpoints
+    assert os.path.isfile(partial + ".log")
+
+    calls.clear()
+    bq.run_grid(out, ["tiny_vanilla"], ["lb"], 2, 10, 1, "/d", log=lambda *a: None)
+    assert calls == []  # everything complete: nothing trains
+    groups = bq.collect(out, ["tiny_vanilla"], ["lb", "lb_sp"], 2, 10)
+    assert {k: len(v) for k, v in groups.items()} == {("tiny_vanilla", "lb"): 2, ("tiny_vanilla", "lb_sp"): 2}
+
+
+def test_cli_defaults_and_dry_run(tmp_path, capsys):
+    a = bq.parse_args(["--out", str(tmp_path)])
+    assert (a.variants, a.archs, a.seeds, a.iters, a.nproc) == (list(bq.VARIANTS), list(bq.ARCHS), 3, 300, 2)
+    assert a.table == os.path.join(str(tmp_path), "table.md") and a.data == str(ROOT / "data" / "demo")
+    q = bq.parse_args(["--quick", "--out", str(tmp_path), "--seeds", "2"])
+    assert (q.variants, q.archs, q.seeds, q.iters, q.nproc) == (list(bq.QUICK_VARIANTS), ["tiny_vanilla"], 2, 10, 1)
+    assert bq.main(["--quick", "--out", str(tmp_path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("megatron_moe_spec train" in line for line in lines)
+
+
+def test_aggregate_only_writes_the_table(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    for seed in (1234, 1235):
+        write_synthetic_run(bq.run_dir(out, "tiny_vanilla", "lb", seed), seed=seed, train_steps=20, log_interval=10,
+                            eval_interval=10)
+    rc = bq.main(["--aggregate-only", "--out", out, "--archs", "tiny_vanilla", "--variants", "lb", "lb_sp",
+                  "--seeds", "2", "--iters", "20"])
+    assert rc == 1  # lb_sp has no runs: reported, and left out of the table
+    text = open(os.path.join(out, "table.md")).read()
+    assert "| tiny_vanilla | lb | 2 |" in text and "lb_sp" not in text
+    assert "2 run(s) of the grid are not complete" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_end_to_end(tmp_path):
+    out = str(tmp_path / "bq")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--quick", "--out", out],
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.load(open(os.path.join(out, "table.json")))
+    assert [(r["arch"], r["variant"]) for r in data["rows"]] == [("tiny_vanilla", v) for v in bq.QUICK_VARIANTS]
+    for row in data["rows"]:
+        assert row["val_ppl"]["n"] == 1 and math.isfinite(row["val_ppl"]["mean"])
+        assert row["domain_mi"]["n"] == 1
+    rdir = bq.run_dir(out, "tiny_vanilla", "lb", bq.BASE_SEED)
+    assert json.load(open(os.path.join(rdir, "domains.json")))["domains"] == ["prose", "code", "technical"]
+    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--quick", "--out", out],
+                           cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 2
