@@ -32,6 +32,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .losses import _gram_rows
+from .losses import _valid_or_all as _valid_weights
 
 __all__ = [
     "RoutingStats",
@@ -46,14 +47,6 @@ __all__ = [
 ]
 
 _STAT_DTYPE = torch.float64
-
-
-def _valid_weights(valid_T: Optional[torch.Tensor], num_tokens: int, device) -> torch.Tensor:
-    if valid_T is None:
-        return torch.ones(num_tokens, dtype=torch.bool, device=device)
-    if valid_T.shape != (num_tokens,):
-        raise ValueError(f"valid must have shape [T]=[{num_tokens}], got {tuple(valid_T.shape)}")
-    return valid_T.to(device=device, dtype=torch.bool)
 
 
 def _safe_idx(idx: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
