@@ -17,3 +17,15 @@ def megatron_single_process():
     yield
     teardown_megatron()
     cpu.disable()
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (the benchmark scripts are not a package)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

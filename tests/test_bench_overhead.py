@@ -1,5 +1,4 @@
 """scripts/bench_overhead.py: the --quick run's JSON, and the memory meter it relies on."""
-import importlib.util
 import json
 import math
 import os
@@ -9,6 +8,7 @@ import sys
 import time
 
 import pytest
+from conftest import load_script
 import torch
 
 from megatron_moe_spec.testing.bench import SavedTensorMeter, static_training_bytes
@@ -17,10 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "scripts" / "bench_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_overhead")
 
 
 # ----------------------------------------------------------------------------- the meter

@@ -1,7 +1,6 @@
 """scripts/bench_quality.py: the aggregation on synthetic run dirs (checked by hand), the markdown table,
 and the grid runner's command construction and skip logic (no training: one real run takes ~15 s of
 imports and steps per variant on a free core, too slow for CI; the end-to-end --quick run is `slow`)."""
-import importlib.util
 import json
 import math
 import os
@@ -10,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import load_script
 
 from megatron_moe_spec.report.synthetic import write_synthetic_run
 
@@ -17,10 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts" / "bench_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_quality")
 
 
 bq = _load_script()
