@@ -17,13 +17,14 @@ import dataclasses
 import os
 import pickle
 import queue as queue_module
-import socket
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch.multiprocessing as mp
+
+from megatron_moe_spec.training.distributed import free_port  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class ParallelSizes:
     """Expert tensor parallel size; None = same as tp (Megatron's default)."""
     vpp: Optional[int] = None
     """Virtual pipeline stages per rank (interleaved 1F1B); None = not interleaved."""
+    cp: int = 1
+    """Context parallel size (megatron-core's local attention on CPU supports only 1)."""
 
     def describe(self) -> str:
         parts = [f"{k}={v}" for k, v in dataclasses.asdict(self).items() if v not in (None, 1)]
@@ -47,10 +50,6 @@ class RankFailure(RuntimeError):
     """A rank raised; the message carries its traceback."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_distributed(
@@ -167,24 +166,17 @@ def init_megatron(rank: int, world_size: int, parallel: ParallelSizes, seed: int
             world_size=world_size,
             timeout=datetime.timedelta(seconds=120),
         )
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-    )
+    from megatron_moe_spec.training.distributed import init_model_parallel
+
+    init_model_parallel(parallel)
+    # The same seed on every rank (unlike training's per-stage seeds): layouts must be comparable.
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 
 
 def teardown_megatron() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+    from megatron_moe_spec.training.distributed import teardown
 
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown()

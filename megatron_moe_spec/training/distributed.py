@@ -52,7 +52,7 @@ def init_distributed(device: str, timeout_s: int = 600) -> LaunchEnv:
     if not torch.distributed.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
             os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         torch.distributed.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                                              timeout=datetime.timedelta(seconds=timeout_s))
     return env
@@ -106,7 +106,8 @@ def is_writer() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a single process started without torchrun, and tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
