@@ -109,7 +109,8 @@ def test_train_command_single_process_and_torchrun():
               "training.seed=1235", "training.train_iters=300", "checkpoint.resume=none",
               "checkpoint.save_interval=0", "logging.run_dir=/o/r"]:
         assert s in sets
-    assert not any(s.startswith(("parallel.ep", "training.lr_warmup_iters", "eval.interval")) for s in sets)
+    assert not any(s.startswith(("parallel.ep", "training.lr_warmup_iters")) for s in sets)
+    assert {f"eval.interval={bq.EVAL_INTERVAL}", f"eval.iters={bq.EVAL_ITERS}"} <= set(sets)
 
     cmd = bq.train_command("tiny_vanilla", "lb", 1234, 10, 2, "/d", "/o/r", python="PY", master_port=555)
     assert cmd[:3] == ["PY", "-m", "torch.distributed.run"]
@@ -148,8 +149,8 @@ def test_grid_skips_complete_runs_and_restarts_unfinished(tmp_path, monkeypatch)
         f.write("x")
     assert bq.is_complete(complete, 10) and not bq.is_complete(partial, 10) and not bq.is_complete(out, 10)
     steps = [(a, v, s, done) for a, v, s, _, done in bq.plan(out, ["tiny_vanilla"], ["lb", "lb_sp"], 2, 10)]
-    assert steps == [("tiny_vanilla", "lb", 1234, True), ("tiny_vanilla", "lb", 1235, False),
-                     ("tiny_vanilla", "lb_sp", 1234, False), ("tiny_vanilla", "lb_sp", 1235, False)]
+    assert steps == [("tiny_vanilla", "lb", 1234, True), ("tiny_vanilla", "lb_sp", 1234, False),  # seed-major
+                     ("tiny_vanilla", "lb", 1235, False), ("tiny_vanilla", "lb_sp", 1235, False)]
 
     calls = []
 
@@ -164,7 +165,7 @@ def test_grid_skips_complete_runs_and_restarts_unfinished(tmp_path, monkeypatch)
 
     monkeypatch.setattr(bq.subprocess, "run", fake_run)
     failed = bq.run_grid(out, ["tiny_vanilla"], ["lb", "lb_sp"], 2, 10, 1, "/d", log=lambda *a: None)
-    assert calls == [partial, bq.run_dir(out, "tiny_vanilla", "lb_sp", 1234), bq.run_dir(out, "tiny_vanilla", "lb_sp", 1235)]
+    assert calls == [bq.run_dir(out, "tiny_vanilla", "lb_sp", 1234), partial, bq.run_dir(out, "tiny_vanilla", "lb_sp", 1235)]
     assert failed == [bq.run_dir(out, "tiny_vanilla", "lb_sp", 1235)]
     assert not os.path.exists(os.path.join(partial, "checkpoints"))  # dropped unless --keep-checkpoints
     assert os.path.isfile(partial + ".log")
