@@ -41,6 +41,11 @@ BASE_SEED = 1234  # configs/base/tiny.yaml's training.seed: seed i of the grid i
 METRICS = ("routing_entropy", "topk_mass", "load_cv", "max_vio", "activation_similarity", "pathway_nmi",
            "domain_mi", "tokens_per_sec")
 PPL = "val_ppl"
+#: The paired comparison: each variant's val ppl against the baseline's of the same arch and seed.
+BASELINE = "lb"
+DELTA = "val_ppl_delta_pct"
+#: The routing metrics are averaged over the last 10% of each run (they are logged per 5-step interval).
+TAIL_FRACTION = 0.1
 #: The corpus of the full benchmark: scripts/demo.sh's (3 domains x 400 kB, 512-token BPE).
 DATA_ARGS = ("--vocab-size", "512", "--max-bytes-per-domain", "400000")
 QUICK_DATA_ARGS = ("--tiny",)
@@ -188,16 +193,32 @@ def _last(records: List[dict], key: str) -> Optional[float]:
     """The last finite value of ``key`` (null/NaN records skipped); None when never logged."""
     for rec in reversed(records):
         value = rec.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if _finite(value):
             return float(value)
     return None
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def tail_mean(records: List[dict], key: str, fraction: float = TAIL_FRACTION) -> Optional[float]:
+    """Mean of the finite values of ``key`` logged in the last ``fraction`` of the run (records with
+    step > (1 - fraction) * last step), which smooths the per-interval noise of the routing metrics;
+    the last finite value when that window has none; None when never logged."""
+    if not records:
+        return None
+    start = (1.0 - fraction) * records[-1]["step"]
+    xs = [float(r[key]) for r in records if r["step"] > start and _finite(r.get(key))]
+    return sum(xs) / len(xs) if xs else _last(records, key)
+
+
 def run_values(records: List[dict]) -> Dict[str, Optional[float]]:
-    """One run's table entries: ``val_ppl`` = exp(last val_lm_loss), then the last of each METRICS."""
+    """One run's table entries: ``val_ppl`` = exp(last val_lm_loss), then each of METRICS averaged
+    over the last TAIL_FRACTION of the run (``tail_mean``)."""
     val = _last(records, "val_lm_loss")
     out = {PPL: math.exp(val) if val is not None else None}
-    out.update({key: _last(records, key) for key in METRICS})
+    out.update({key: tail_mean(records, key) for key in METRICS})
     return out
 
 
@@ -214,13 +235,24 @@ def mean_std(values: Iterable[Optional[float]]) -> Dict[str, Optional[float]]:
 
 def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
     """Pure: ``{(arch, variant): [run_dir, ...]}`` -> one row per group, in the given order:
-    ``{"arch", "variant", "seeds", "runs", PPL: {"mean", "std", "n"}, metric: {...}, ...}``."""
+    ``{"arch", "variant", "seeds", "runs", PPL: {"mean", "std", "n"}, metric: {...}, ..., DELTA: {...},
+    "wins": (k, n)}``. ``DELTA`` is the paired comparison with the BASELINE variant of the same arch:
+    per seed (run directories with the same name) 100 * (ppl / baseline ppl - 1), mean and std over the
+    seeds both have; ``wins`` counts the seeds where the variant's ppl is below the baseline's. Both
+    are None for the baseline itself and when it has no run of a common seed."""
+    values = {key: {os.path.basename(os.path.normpath(d)): run_values(read_metrics(d)) for d in dirs}
+              for key, dirs in groups.items()}
     rows = []
     for (arch, variant), dirs in groups.items():
-        per_run = [run_values(read_metrics(d)) for d in dirs]
+        per_run = values[(arch, variant)]
         row = {"arch": arch, "variant": variant, "seeds": len(dirs), "runs": list(dirs)}
         for key in (PPL,) + METRICS:
-            row[key] = mean_std(r[key] for r in per_run)
+            row[key] = mean_std(r[key] for r in per_run.values())
+        base = values.get((arch, BASELINE)) if variant != BASELINE else None
+        pairs = [(per_run[s][PPL], base[s][PPL]) for s in per_run
+                 if base and s in base and per_run[s][PPL] is not None and base[s][PPL] is not None]
+        row[DELTA] = mean_std(100.0 * (v / b - 1.0) for v, b in pairs) if pairs else None
+        row["wins"] = (sum(v < b for v, b in pairs), len(pairs)) if pairs else None
         rows.append(row)
     return rows
 
@@ -247,17 +279,27 @@ def _cell(stat: Dict[str, Optional[float]], fmt: str) -> str:
     return text if stat["std"] is None else f"{text} ± {format(stat['std'], fmt)}"
 
 
+def _delta_cell(row: dict) -> str:
+    stat, wins = row.get(DELTA), row.get("wins")
+    if not stat or stat["mean"] is None:
+        return "–"
+    text = f"{stat['mean']:+.2f}%" + ("" if stat["std"] is None else f" ± {stat['std']:.2f}")
+    return f"{text} ({wins[0]}/{wins[1]})"
+
+
 def markdown_table(rows: List[dict], title: Optional[str] = None) -> str:
     """The rows as a markdown table: mean ± std over seeds (no ± with one seed, – when never logged)."""
-    header = ["arch", "variant", "seeds"] + [label for _, label, _ in COLUMNS]
+    header = ["arch", "variant", "seeds", "val ppl", "Δ ppl vs lb (paired)"] + [label for _, label, _ in COLUMNS[1:]]
     lines = [f"## {title}", ""] if title else []
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(COLUMNS)) + "|"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for row in rows:
-        cells = [row["arch"], row["variant"], str(row["seeds"])]
-        cells += [_cell(row[key], fmt) for key, _, fmt in COLUMNS]
+        cells = [row["arch"], row["variant"], str(row["seeds"]), _cell(row[PPL], ".2f"), _delta_cell(row)]
+        cells += [_cell(row[key], fmt) for key, _, fmt in COLUMNS[1:]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± sample std (ddof 1) over seeds of the last logged value of each run; val ppl = "
-              "exp(last val_lm_loss). Metrics are means over MoE layers (docs/design.md)."]
+    lines += ["", "Mean ± sample std (ddof 1) over seeds. val ppl = exp(last val_lm_loss) on the fixed validation "
+              "set. Δ ppl vs lb: per seed 100 * (ppl / ppl of lb with the same seed - 1), in %, then mean ± std; "
+              "(k/n): the seeds where the variant is below lb. The routing metrics are means over MoE layers "
+              f"(docs/design.md), averaged over the last {TAIL_FRACTION:.0%} of each run's steps."]
     return "\n".join(lines) + "\n"
 
 

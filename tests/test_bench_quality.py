@@ -37,9 +37,10 @@ def _std(xs):
 
 # ----------------------------------------------------------------------------- aggregation
 def test_aggregate_synthetic_runs_by_hand(tmp_path):
-    """Three synthetic seeds of one cell: mean and sample std of exp(last val_lm_loss) and of the last
-    logged value of every metric, recomputed here from metrics.jsonl."""
-    dirs = [str(write_synthetic_run(str(tmp_path / f"s{seed}"), seed=seed, train_steps=100)) for seed in range(3)]
+    """Three synthetic seeds of one cell: mean and sample std of exp(last val_lm_loss) and of every
+    metric's mean over the last 10% of the steps, recomputed here from metrics.jsonl."""
+    dirs = [str(write_synthetic_run(str(tmp_path / f"s{seed}"), seed=seed, train_steps=100, log_interval=5))
+            for seed in range(3)]
     rows = bq.aggregate({("tiny_vanilla", "lb_sp_cp"): dirs})
     assert len(rows) == 1
     row = rows[0]
@@ -48,8 +49,10 @@ def test_aggregate_synthetic_runs_by_hand(tmp_path):
     for d in dirs:
         with open(os.path.join(d, "metrics.jsonl")) as f:
             recs = [json.loads(line) for line in f]
+        tail = [r for r in recs if r["step"] > 90]  # the last 10% of 100 steps
+        assert len(tail) > 1
         last.append({"val_ppl": math.exp([r for r in recs if "val_lm_loss" in r][-1]["val_lm_loss"]),
-                     **{k: recs[-1][k] for k in bq.METRICS}})
+                     **{k: sum(r[k] for r in tail) / len(tail) for k in bq.METRICS}})
     for key in ("val_ppl",) + bq.METRICS:
         xs = [entry[key] for entry in last]
         assert row[key]["n"] == 3, key
@@ -79,14 +82,41 @@ def test_aggregate_hand_numbers_missing_and_null_values(tmp_path):
     lines = text.splitlines()
     assert lines[0] == "## T"
     header = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert header == ["arch", "variant", "seeds", "val ppl", "routing entropy", "top-k mass", "load CV",
+    assert header == ["arch", "variant", "seeds", "val ppl", "Δ ppl vs lb (paired)", "routing entropy", "top-k mass", "load CV",
                       "MaxVio", "act. similarity", "pathway NMI", "domain MI", "tokens/s"]
     cells = [c.strip() for c in lines[4].strip("|").split("|")]
-    assert cells[:5] == ["A", "lb", "2", f"15.00 ± {math.sqrt(50):.2f}", "–"]
+    assert cells[:6] == ["A", "lb", "2", f"15.00 ± {math.sqrt(50):.2f}", "–", "–"]
     assert cells[header.index("load CV")] == f"0.400 ± {math.sqrt(0.02):.3f}"
     assert cells[header.index("domain MI")] == "–"
     assert [c.strip() for c in lines[5].strip("|").split("|")][3] == "–"
     assert [c.strip() for c in lines[6].strip("|").split("|")][3] == "10.00"  # one seed: no ±
+
+
+def test_tail_mean_and_paired_delta_by_hand(tmp_path):
+    recs = [{"step": 80, "load_cv": 9.0}, {"step": 91, "load_cv": 0.2}, {"step": 95, "load_cv": None},
+            {"step": 100, "load_cv": 0.4}]
+    assert bq.tail_mean(recs, "load_cv") == pytest.approx(0.3)  # steps 91 and 100; 80 is outside, null skipped
+    assert bq.tail_mean(recs, "load_cv", fraction=0.25) == pytest.approx((9.0 + 0.2 + 0.4) / 3)
+    assert bq.tail_mean(recs[:1] + [{"step": 100}], "load_cv") == 9.0  # nothing in the window: last finite
+    assert bq.tail_mean([], "load_cv") is None
+
+    # lb seeds 1, 2, 3 (ppl 10, 20, 40); lb_sp seeds 1, 2, 4 (ppl 9, 22, 5): pairs on seeds 1 and 2 only
+    def run(variant, seed, ppl):
+        d = str(tmp_path / variant / f"seed_{seed}")
+        _write_metrics(d, [{"step": 10, "val_lm_loss": math.log(ppl)}])
+        return d
+    groups = {("A", "lb"): [run("lb", 1, 10.0), run("lb", 2, 20.0), run("lb", 3, 40.0)],
+              ("A", "lb_sp"): [run("lb_sp", 1, 9.0), run("lb_sp", 2, 22.0), run("lb_sp", 4, 5.0)],
+              ("B", "lb_sp"): [run("lb_sp", 1, 9.0)]}  # B has no lb: no comparison
+    rows = bq.aggregate(groups)
+    assert rows[0][bq.DELTA] is None and rows[0]["wins"] is None
+    deltas = [-10.0, 10.0]
+    assert rows[1][bq.DELTA]["mean"] == pytest.approx(0.0, abs=1e-9) and rows[1][bq.DELTA]["n"] == 2
+    assert rows[1][bq.DELTA]["std"] == pytest.approx(_std(deltas)) and rows[1]["wins"] == (1, 2)
+    assert rows[2][bq.DELTA] is None
+    lines = bq.markdown_table(rows).splitlines()
+    assert [c.strip() for c in lines[3].strip("|").split("|")][4] == f"+0.00% ± {_std(deltas):.2f} (1/2)"
+    assert [c.strip() for c in lines[4].strip("|").split("|")][4] == "–"
 
 
 def test_write_table_markdown_and_json(tmp_path):
