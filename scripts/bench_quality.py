@@ -235,7 +235,8 @@ def mean_std(values: Iterable[Optional[float]]) -> Dict[str, Optional[float]]:
 
 def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
     """Pure: ``{(arch, variant): [run_dir, ...]}`` -> one row per group, in the given order:
-    ``{"arch", "variant", "seeds", "runs", PPL: {"mean", "std", "n"}, metric: {...}, ..., DELTA: {...},
+    ``{"arch", "variant", "seeds", "runs", "per_run": {run name: run_values}, PPL: {"mean", "std", "n"},
+    metric: {...}, ..., DELTA: {...},
     "wins": (k, n)}``. ``DELTA`` is the paired comparison with the BASELINE variant of the same arch:
     per seed (run directories with the same name) 100 * (ppl / baseline ppl - 1), mean and std over the
     seeds both have; ``wins`` counts the seeds where the variant's ppl is below the baseline's. Both
@@ -245,7 +246,7 @@ def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
     rows = []
     for (arch, variant), dirs in groups.items():
         per_run = values[(arch, variant)]
-        row = {"arch": arch, "variant": variant, "seeds": len(dirs), "runs": list(dirs)}
+        row = {"arch": arch, "variant": variant, "seeds": len(dirs), "runs": list(dirs), "per_run": per_run}
         for key in (PPL,) + METRICS:
             row[key] = mean_std(r[key] for r in per_run.values())
         base = values.get((arch, BASELINE)) if variant != BASELINE else None
