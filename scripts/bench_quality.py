@@ -316,6 +316,62 @@ def write_table(rows: List[dict], path: str, title: Optional[str] = None, meta: 
     return text
 
 
+# ------------------------------------------------------------------------------------------ the plot
+#: The figure's panels: (key, title); DELTA is drawn from the per-seed pairs with the baseline.
+PLOT_PANELS = ((DELTA, "val ppl vs lb, same seed (%)  [lower: better]"),
+               ("activation_similarity", "expert activation similarity  [R_sp lowers]"),
+               ("routing_entropy", "routing entropy (normalized)  [lower: sharper]"),
+               ("pathway_nmi", "pathway NMI, adjacent layers  [R_cp raises]"),
+               ("domain_mi", "domain MI, top-1 expert (nats)"),
+               ("load_cv", "load CV  [balance: lower]"))
+
+
+def seed_values(rows: List[dict], row: dict, key: str) -> List[float]:
+    """The per-seed values of one row for one panel: the metric, or for DELTA the paired % differences."""
+    if key != DELTA:
+        return [v[key] for v in row["per_run"].values() if v[key] is not None]
+    base = next((r for r in rows if r["arch"] == row["arch"] and r["variant"] == BASELINE), None)
+    if base is None or row["variant"] == BASELINE:
+        return []
+    return [100.0 * (v[PPL] / base["per_run"][s][PPL] - 1.0) for s, v in row["per_run"].items()
+            if s in base["per_run"] and v[PPL] is not None and base["per_run"][s][PPL] is not None]
+
+
+def plot_quality(rows: List[dict], path: str) -> None:
+    """For each arch a block of PLOT_PANELS (2 x 3 panels, the archs' scales differ), the variants along
+    x: every seed a dot, the mean a wide tick (a bar from 0 for the ppl difference) with the sample std
+    as an error bar. Needs matplotlib (the ``report`` extra)."""
+    from megatron_moe_spec.report.plots import new_figure, save  # matplotlib: imported only here
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig = new_figure(15.0, 6.2 * len(archs))
+    axes = fig.subplots(2 * len(archs), 3, squeeze=False)
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+    for a, arch in enumerate(archs):
+        color = colors[a % len(colors)]
+        for ax, (key, title) in zip(axes[2 * a:2 * a + 2].ravel(), PLOT_PANELS):
+            for x, variant in enumerate(variants):
+                row = next((r for r in rows if r["arch"] == arch and r["variant"] == variant), None)
+                xs = seed_values(rows, row, key) if row else []
+                if not xs:
+                    continue
+                mean, std = sum(xs) / len(xs), mean_std(xs)["std"]
+                if key == DELTA:  # a difference: a bar from 0
+                    ax.bar(x, mean, 0.6, color=color, alpha=0.35, yerr=std, capsize=3)
+                else:  # a level: the mean as a wide tick (a bar from 0 would hide the small differences)
+                    ax.errorbar(x, mean, yerr=std, fmt="_", ms=18, mew=2, capsize=3, color=color)
+                ax.plot([x] * len(xs), xs, "o", ms=3.5, color=color, alpha=0.8)
+            if key == DELTA:
+                ax.axhline(0.0, color="0.3", lw=0.8)
+            ax.set_xlim(-0.6, len(variants) - 0.4)
+            ax.set_title(f"{arch}: {title}", fontsize=10)
+            ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Quality benchmark: each dot one seed; bar or wide tick = mean, error bar = std over seeds",
+                 fontsize=11)
+    save(fig, path)
+
+
 # ------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -332,7 +388,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="corpus folder (default data/demo, with --quick OUT/data), "
                                                "prepared with the benchmark's settings: built when missing, "
                                                "reused when its manifest matches, rebuilt otherwise")
-    p.add_argument("--table", default=None, help="markdown table path (default OUT/table.md); JSON beside it")
+    p.add_argument("--table", default=None, help="markdown table path (default OUT/table.md); the JSON and a "
+                                                "PNG plot of it (.json, .png) beside it")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG (the plot needs matplotlib)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {' '.join(QUICK_VARIANTS)} on tiny_vanilla, 1 seed, {QUICK_ITERS} steps, "
                         "1 process, the --tiny corpus (explicit options override)")
@@ -375,6 +433,9 @@ def main(argv=None) -> int:
             f"{a.seeds} seed(s), {a.nproc} process(es)"
     print(write_table(rows, a.table, title, meta), end="")
     print(f"wrote {a.table} and {os.path.splitext(a.table)[0]}.json")
+    if rows and not a.no_plot:
+        plot_quality(rows, os.path.splitext(a.table)[0] + ".png")
+        print(f"wrote {os.path.splitext(a.table)[0]}.png")
     missing = len(grid(a.archs, a.variants, a.seeds)) - sum(len(v) for v in groups.values())
     if failed or missing:
         print(f"{missing} run(s) of the grid are not complete" + (f"; failed: {', '.join(failed)}" if failed else ""),

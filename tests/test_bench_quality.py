@@ -118,6 +118,15 @@ def test_tail_mean_and_paired_delta_by_hand(tmp_path):
     assert [c.strip() for c in lines[3].strip("|").split("|")][4] == f"+0.00% ± {_std(deltas):.2f} (1/2)"
     assert [c.strip() for c in lines[4].strip("|").split("|")][4] == "–"
 
+    # the plot's per-seed values: the paired differences, none for the baseline and without a baseline
+    assert bq.seed_values(rows, rows[1], bq.DELTA) == pytest.approx(deltas)
+    assert bq.seed_values(rows, rows[0], bq.DELTA) == [] and bq.seed_values(rows, rows[2], bq.DELTA) == []
+    assert bq.seed_values(rows, rows[0], bq.PPL) == pytest.approx([10.0, 20.0, 40.0])
+    png = str(tmp_path / "t.png")
+    bq.plot_quality(rows, png)
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
 
 def test_write_table_markdown_and_json(tmp_path):
     d = str(write_synthetic_run(str(tmp_path / "r"), train_steps=50))
