@@ -240,7 +240,8 @@ def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
     "wins": (k, n)}``. ``DELTA`` is the paired comparison with the BASELINE variant of the same arch:
     per seed (run directories with the same name) 100 * (ppl / baseline ppl - 1), mean and std over the
     seeds both have; ``wins`` counts the seeds where the variant's ppl is below the baseline's. Both
-    are None for the baseline itself and when it has no run of a common seed."""
+    are None for the baseline itself and when it has no run of a common seed. ``"paired"``: for each
+    metric of PAIRED, ``paired_differences`` against the baseline (None without a baseline)."""
     values = {key: {os.path.basename(os.path.normpath(d)): run_values(read_metrics(d)) for d in dirs}
               for key, dirs in groups.items()}
     rows = []
@@ -254,8 +255,19 @@ def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
                  if base and s in base and per_run[s][PPL] is not None and base[s][PPL] is not None]
         row[DELTA] = mean_std(100.0 * (v / b - 1.0) for v, b in pairs) if pairs else None
         row["wins"] = (sum(v < b for v, b in pairs), len(pairs)) if pairs else None
+        row["paired"] = {key: paired_differences(per_run, base, key) for key, _, _ in PAIRED} if base else None
         rows.append(row)
     return rows
+
+
+def paired_differences(per_run: Dict[str, dict], base: Dict[str, dict], key: str) -> dict:
+    """Per seed (run name) the difference variant - baseline of ``key``, over the seeds both have with
+    a value: ``{"mean", "std", "n", "agree"}``, ``agree`` = every seed's difference has the mean's sign."""
+    ds = [per_run[s][key] - base[s][key] for s in per_run
+          if s in base and per_run[s][key] is not None and base[s][key] is not None]
+    out = mean_std(ds)
+    out["agree"] = bool(ds) and (all(d > 0 for d in ds) or all(d < 0 for d in ds))
+    return out
 
 
 def collect(out: str, archs, variants, seeds: int, iters: int) -> Dict[Tuple[str, str], List[str]]:
@@ -271,6 +283,12 @@ COLUMNS = ((PPL, "val ppl", ".2f"), ("routing_entropy", "routing entropy", ".3f"
            ("topk_mass", "top-k mass", ".3f"), ("load_cv", "load CV", ".3f"), ("max_vio", "MaxVio", ".3f"),
            ("activation_similarity", "act. similarity", ".3f"), ("pathway_nmi", "pathway NMI", ".3f"),
            ("domain_mi", "domain MI", ".3f"), ("tokens_per_sec", "tokens/s", ",.0f"))
+
+
+#: The second table: each routing metric's paired difference against lb, (key, label, format).
+PAIRED = (("routing_entropy", "routing entropy", "+.4f"), ("topk_mass", "top-k mass", "+.4f"),
+          ("activation_similarity", "act. similarity", "+.4f"), ("pathway_nmi", "pathway NMI", "+.4f"),
+          ("domain_mi", "domain MI", "+.4f"), ("load_cv", "load CV", "+.4f"), ("max_vio", "MaxVio", "+.4f"))
 
 
 def _cell(stat: Dict[str, Optional[float]], fmt: str) -> str:
@@ -301,6 +319,20 @@ def markdown_table(rows: List[dict], title: Optional[str] = None) -> str:
               "set. Δ ppl vs lb: per seed 100 * (ppl / ppl of lb with the same seed - 1), in %, then mean ± std; "
               "(k/n): the seeds where the variant is below lb. The routing metrics are means over MoE layers "
               f"(docs/design.md), averaged over the last {TAIL_FRACTION:.0%} of each run's steps."]
+    paired = [row for row in rows if row.get("paired")]
+    if paired:
+        header = ["arch", "variant", "seeds"] + [label for _, label, _ in PAIRED]
+        lines += ["", f"### Paired differences against {BASELINE} (same arch, same seed)", "",
+                  "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(PAIRED)) + "|"]
+        for row in paired:
+            cells = [row["arch"], row["variant"], str(row["paired"][PAIRED[0][0]]["n"])]
+            for key, _, fmt in PAIRED:
+                stat = row["paired"][key]
+                cells.append(_cell(stat, fmt).replace("± +", "± ") + (" *" if stat["agree"] else ""))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"Per seed: the variant's value minus {BASELINE}'s with the same seed (the same initial "
+                  "weights and data order), then mean ± sample std over the seeds; * = every seed's difference "
+                  "has the same sign."]
     return "\n".join(lines) + "\n"
 
 

@@ -128,6 +128,31 @@ def test_tail_mean_and_paired_delta_by_hand(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_paired_metric_differences_by_hand(tmp_path):
+    """The second table: per seed variant - lb of each routing metric, mean ± std, * when all agree."""
+    def run(variant, seed, entropy, nmi):
+        d = str(tmp_path / variant / f"seed_{seed}")
+        _write_metrics(d, [{"step": 10, "val_lm_loss": 1.0, "routing_entropy": entropy, "pathway_nmi": nmi}])
+        return d
+    groups = {("A", "lb"): [run("lb", 1, 0.90, 0.10), run("lb", 2, 0.80, 0.30)],
+              ("A", "lb_cp"): [run("lb_cp", 1, 0.85, 0.20), run("lb_cp", 2, 0.70, 0.20)]}
+    rows = bq.aggregate(groups)
+    assert rows[0]["paired"] is None
+    ent, nmi = rows[1]["paired"]["routing_entropy"], rows[1]["paired"]["pathway_nmi"]
+    assert ent["mean"] == pytest.approx(-0.075) and ent["std"] == pytest.approx(_std([-0.05, -0.10]))
+    assert ent["agree"] and ent["n"] == 2
+    assert nmi["mean"] == pytest.approx(0.0, abs=1e-12) and not nmi["agree"]  # +0.1 and -0.1
+    assert rows[1]["paired"]["load_cv"] == {"mean": None, "std": None, "n": 0, "agree": False}
+    text = bq.markdown_table(rows)
+    table = text[text.index("### Paired differences against lb"):].splitlines()
+    header = [c.strip() for c in table[2].strip("|").split("|")]
+    cells = [c.strip() for c in table[4].strip("|").split("|")]
+    assert cells[:3] == ["A", "lb_cp", "2"]
+    assert cells[header.index("routing entropy")] == f"-0.0750 ± {_std([-0.05, -0.10]):.4f} *"
+    assert cells[header.index("pathway NMI")] == f"+0.0000 ± {_std([0.1, -0.1]):.4f}"
+    assert cells[header.index("load CV")] == "–"
+
+
 def test_write_table_markdown_and_json(tmp_path):
     d = str(write_synthetic_run(str(tmp_path / "r"), train_steps=50))
     rows = bq.aggregate({("tiny_deepseek", "lb"): [d]})
