@@ -233,6 +233,17 @@ def mean_std(values: Iterable[Optional[float]]) -> Dict[str, Optional[float]]:
     return {"mean": mean, "std": std, "n": len(xs)}
 
 
+def seed_differences(rows: List[dict], row: dict, key: str) -> List[float]:
+    """Per seed (run name) the row's ``key`` minus the BASELINE row's of the same arch and seed; for
+    PPL the relative difference in %. Empty for the baseline itself and when the arch has none."""
+    base = next((r for r in rows if r["arch"] == row["arch"] and r["variant"] == BASELINE), None)
+    if base is None or row["variant"] == BASELINE:
+        return []
+    diff = (lambda v, b: 100.0 * (v / b - 1.0)) if key == PPL else (lambda v, b: v - b)
+    return [diff(v[key], base["per_run"][s][key]) for s, v in row["per_run"].items()
+            if s in base["per_run"] and v[key] is not None and base["per_run"][s][key] is not None]
+
+
 def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
     """Pure: ``{(arch, variant): [run_dir, ...]}`` -> one row per group, in the given order:
     ``{"arch", "variant", "seeds", "runs", "per_run": {run name: run_values}, PPL: {"mean", "std", "n"},
@@ -250,21 +261,20 @@ def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
         row = {"arch": arch, "variant": variant, "seeds": len(dirs), "runs": list(dirs), "per_run": per_run}
         for key in (PPL,) + METRICS:
             row[key] = mean_std(r[key] for r in per_run.values())
-        base = values.get((arch, BASELINE)) if variant != BASELINE else None
-        pairs = [(per_run[s][PPL], base[s][PPL]) for s in per_run
-                 if base and s in base and per_run[s][PPL] is not None and base[s][PPL] is not None]
-        row[DELTA] = mean_std(100.0 * (v / b - 1.0) for v, b in pairs) if pairs else None
-        row["wins"] = (sum(v < b for v, b in pairs), len(pairs)) if pairs else None
-        row["paired"] = {key: paired_differences(per_run, base, key) for key, _, _ in PAIRED} if base else None
         rows.append(row)
+    for row in rows:  # the paired comparisons, once every row (the baseline's too) has its per-run values
+        has_base = row["variant"] != BASELINE and any(
+            r["arch"] == row["arch"] and r["variant"] == BASELINE for r in rows)
+        ds = seed_differences(rows, row, PPL)
+        row[DELTA] = mean_std(ds) if ds else None
+        row["wins"] = (sum(d < 0 for d in ds), len(ds)) if ds else None
+        row["paired"] = {key: paired_differences(seed_differences(rows, row, key)) for key, _, _ in PAIRED} \
+            if has_base else None
     return rows
 
 
-def paired_differences(per_run: Dict[str, dict], base: Dict[str, dict], key: str) -> dict:
-    """Per seed (run name) the difference variant - baseline of ``key``, over the seeds both have with
-    a value: ``{"mean", "std", "n", "agree"}``, ``agree`` = every seed's difference has the mean's sign."""
-    ds = [per_run[s][key] - base[s][key] for s in per_run
-          if s in base and per_run[s][key] is not None and base[s][key] is not None]
+def paired_differences(ds: List[float]) -> dict:
+    """Mean and std of per-seed differences, and ``agree``: every one has the mean's (nonzero) sign."""
     out = mean_std(ds)
     out["agree"] = bool(ds) and (all(d > 0 for d in ds) or all(d < 0 for d in ds))
     return out
@@ -349,33 +359,23 @@ def write_table(rows: List[dict], path: str, title: Optional[str] = None, meta: 
 
 
 # ------------------------------------------------------------------------------------------ the plot
-#: The figure's panels: (key, title); DELTA is drawn from the per-seed pairs with the baseline.
-PLOT_PANELS = ((DELTA, "val ppl vs lb, same seed (%)  [lower: better]"),
+#: The figure's panels, (key, title): each the per-seed difference against the baseline (for PPL in %).
+PLOT_PANELS = ((PPL, "val ppl (%)  [lower: better]"),
                ("activation_similarity", "expert activation similarity  [R_sp lowers]"),
                ("routing_entropy", "routing entropy (normalized)  [lower: sharper]"),
+               ("topk_mass", "top-k mass  [higher: more decisive]"),
                ("pathway_nmi", "pathway NMI, adjacent layers  [R_cp raises]"),
-               ("domain_mi", "domain MI, top-1 expert (nats)"),
-               ("load_cv", "load CV  [balance: lower]"))
-
-
-def seed_values(rows: List[dict], row: dict, key: str) -> List[float]:
-    """The per-seed values of one row for one panel: the metric, or for DELTA the paired % differences."""
-    if key != DELTA:
-        return [v[key] for v in row["per_run"].values() if v[key] is not None]
-    base = next((r for r in rows if r["arch"] == row["arch"] and r["variant"] == BASELINE), None)
-    if base is None or row["variant"] == BASELINE:
-        return []
-    return [100.0 * (v[PPL] / base["per_run"][s][PPL] - 1.0) for s, v in row["per_run"].items()
-            if s in base["per_run"] and v[PPL] is not None and base["per_run"][s][PPL] is not None]
+               ("load_cv", "load CV  [balance: not higher]"))
 
 
 def plot_quality(rows: List[dict], path: str) -> None:
-    """For each arch a block of PLOT_PANELS (2 x 3 panels, the archs' scales differ), the variants along
-    x: every seed a dot, the mean a wide tick (a bar from 0 for the ppl difference) with the sample std
-    as an error bar. Needs matplotlib (the ``report`` extra)."""
+    """For each arch a block of PLOT_PANELS (2 x 3 panels): along x the variants other than the baseline,
+    each seed's difference against the baseline with the same seed a dot, the mean a bar from 0 with the
+    sample std as an error bar. The differences, not the levels: the seeds' levels differ more than the
+    variants do (the table has the levels). Needs matplotlib (the ``report`` extra)."""
     from megatron_moe_spec.report.plots import new_figure, save  # matplotlib: imported only here
     archs = list(dict.fromkeys(r["arch"] for r in rows))
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != BASELINE]
     fig = new_figure(15.0, 6.2 * len(archs))
     axes = fig.subplots(2 * len(archs), 3, squeeze=False)
     colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
@@ -384,23 +384,18 @@ def plot_quality(rows: List[dict], path: str) -> None:
         for ax, (key, title) in zip(axes[2 * a:2 * a + 2].ravel(), PLOT_PANELS):
             for x, variant in enumerate(variants):
                 row = next((r for r in rows if r["arch"] == arch and r["variant"] == variant), None)
-                xs = seed_values(rows, row, key) if row else []
+                xs = seed_differences(rows, row, key) if row else []
                 if not xs:
                     continue
-                mean, std = sum(xs) / len(xs), mean_std(xs)["std"]
-                if key == DELTA:  # a difference: a bar from 0
-                    ax.bar(x, mean, 0.6, color=color, alpha=0.35, yerr=std, capsize=3)
-                else:  # a level: the mean as a wide tick (a bar from 0 would hide the small differences)
-                    ax.errorbar(x, mean, yerr=std, fmt="_", ms=18, mew=2, capsize=3, color=color)
-                ax.plot([x] * len(xs), xs, "o", ms=3.5, color=color, alpha=0.8)
-            if key == DELTA:
-                ax.axhline(0.0, color="0.3", lw=0.8)
+                ax.bar(x, sum(xs) / len(xs), 0.6, color=color, alpha=0.35, yerr=mean_std(xs)["std"], capsize=3)
+                ax.plot([x] * len(xs), xs, "o", ms=3.5, color=color, alpha=0.9)
+            ax.axhline(0.0, color="0.3", lw=0.8)
             ax.set_xlim(-0.6, len(variants) - 0.4)
             ax.set_title(f"{arch}: {title}", fontsize=10)
             ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Quality benchmark: each dot one seed; bar or wide tick = mean, error bar = std over seeds",
-                 fontsize=11)
+    fig.suptitle(f"Quality benchmark: difference against {BASELINE} with the same seed (same initial weights "
+                 "and data); dots = seeds, bar = mean, error bar = std over seeds", fontsize=11)
     save(fig, path)
 
 

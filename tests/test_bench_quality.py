@@ -119,9 +119,8 @@ def test_tail_mean_and_paired_delta_by_hand(tmp_path):
     assert [c.strip() for c in lines[4].strip("|").split("|")][4] == "–"
 
     # the plot's per-seed values: the paired differences, none for the baseline and without a baseline
-    assert bq.seed_values(rows, rows[1], bq.DELTA) == pytest.approx(deltas)
-    assert bq.seed_values(rows, rows[0], bq.DELTA) == [] and bq.seed_values(rows, rows[2], bq.DELTA) == []
-    assert bq.seed_values(rows, rows[0], bq.PPL) == pytest.approx([10.0, 20.0, 40.0])
+    assert bq.seed_differences(rows, rows[1], bq.PPL) == pytest.approx(deltas)
+    assert bq.seed_differences(rows, rows[0], bq.PPL) == [] and bq.seed_differences(rows, rows[2], bq.PPL) == []
     png = str(tmp_path / "t.png")
     bq.plot_quality(rows, png)
     with open(png, "rb") as f:
