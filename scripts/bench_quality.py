@@ -362,7 +362,7 @@ def write_table(rows: List[dict], path: str, title: Optional[str] = None, meta: 
 #: The figure's panels, (key, title): each the per-seed difference against the baseline (for PPL in %).
 PLOT_PANELS = ((PPL, "val ppl (%)  [lower: better]"),
                ("activation_similarity", "expert activation similarity  [R_sp lowers]"),
-               ("routing_entropy", "routing entropy (normalized)  [lower: sharper]"),
+               ("routing_entropy", "routing entropy  [lower: sharper]"),
                ("topk_mass", "top-k mass  [higher: more decisive]"),
                ("pathway_nmi", "pathway NMI, adjacent layers  [R_cp raises]"),
                ("load_cv", "load CV  [balance: not higher]"))
