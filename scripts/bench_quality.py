@@ -439,6 +439,12 @@ def parse_args(argv=None):
     return a
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the checkout when it lies inside it, else as given."""
+    rel = os.path.relpath(path, ROOT)
+    return path if rel.startswith(os.pardir) else rel
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     failed: List[str] = []
@@ -453,8 +459,10 @@ def main(argv=None) -> int:
         failed = run_grid(a.out, a.archs, a.variants, a.seeds, a.iters, a.nproc, a.data, a.keep_checkpoints)
     groups = collect(a.out, a.archs, a.variants, a.seeds, a.iters)
     rows = aggregate(groups)
+    for row in rows:  # the JSON names the runs relative to the checkout, so it can be committed
+        row["runs"] = [_shown(d) for d in row["runs"]]
     meta = {"archs": a.archs, "variants": a.variants, "seeds": a.seeds, "iters": a.iters, "nproc": a.nproc,
-            "data": a.data, "out": a.out, "quick": a.quick, "failed": failed,
+            "data": _shown(a.data), "out": _shown(a.out), "quick": a.quick, "failed": failed,
             "wall_s": round(time.perf_counter() - start, 1)}
     title = f"Quality benchmark{' (SMOKE RUN, --quick: not results)' if a.quick else ''}: {a.iters} steps, " \
             f"{a.seeds} seed(s), {a.nproc} process(es)"
