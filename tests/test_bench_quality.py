@@ -183,7 +183,7 @@ def test_train_command_single_process_and_torchrun():
             "eval.interval=10"} <= set(sets)
     for arch in bq.ARCHS:
         assert (ROOT / "configs" / f"{arch}.yaml").is_file()
-    for variant in bq.VARIANTS:
+    for variant in bq.VARIANTS + bq.EXTRA_VARIANTS:
         assert (ROOT / "configs" / "variants" / f"{variant}.yaml").is_file()
 
 
@@ -192,7 +192,7 @@ def test_train_command_configs_validate():
     from megatron_moe_spec.run_config import load_run_config, validate_for_world_size
 
     for arch in bq.ARCHS:
-        for variant in bq.VARIANTS:
+        for variant in bq.VARIANTS + bq.EXTRA_VARIANTS:
             for iters, nproc in ((10, 1), (300, 2)):
                 cmd = bq.train_command(arch, variant, 1234, iters, nproc, "/d", "/o/r", python="PY", master_port=1)
                 train = cmd[cmd.index("train") + 1:]

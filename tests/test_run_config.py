@@ -65,7 +65,7 @@ def test_shipped_configs_exist():
         for arch in ("vanilla", "deepseek"):
             assert f"configs/paper/{scale}_{arch}.yaml" in names
     assert {os.path.basename(v)[:-5] for v in VARIANTS} == {
-        "lb", "lb_z", "lb_o_v", "lb_sp", "lb_cp", "lb_sp_cp", "lb_z_sp_cp"}
+        "lb", "lb_z", "lb_o_v", "lb_sp", "lb_cp", "lb_sp_cp", "lb_z_sp_cp", "lb_sp_cp_x10"}
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=rel)
