@@ -276,9 +276,9 @@ def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
 
 
 def paired_differences(ds: List[float]) -> dict:
-    """Mean and std of per-seed differences, and ``agree``: every one has the mean's (nonzero) sign."""
+    """Mean and std of per-seed differences, and ``agree``: two or more seeds, all of one (nonzero) sign."""
     out = mean_std(ds)
-    out["agree"] = bool(ds) and (all(d > 0 for d in ds) or all(d < 0 for d in ds))
+    out["agree"] = len(ds) > 1 and (all(d > 0 for d in ds) or all(d < 0 for d in ds))
     return out
 
 
@@ -344,7 +344,7 @@ def markdown_table(rows: List[dict], title: Optional[str] = None) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"Per seed: the variant's value minus {BASELINE}'s with the same seed (the same initial "
                   "weights and data order), then mean ± sample std over the seeds; * = every seed's difference "
-                  "has the same sign."]
+                  "has the same sign (two or more seeds)."]
     return "\n".join(lines) + "\n"
 
 

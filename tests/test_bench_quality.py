@@ -142,6 +142,7 @@ def test_paired_metric_differences_by_hand(tmp_path):
     assert ent["agree"] and ent["n"] == 2
     assert nmi["mean"] == pytest.approx(0.0, abs=1e-12) and not nmi["agree"]  # +0.1 and -0.1
     assert rows[1]["paired"]["load_cv"] == {"mean": None, "std": None, "n": 0, "agree": False}
+    assert not bq.paired_differences([0.5])["agree"]  # one seed cannot agree with anything
     text = bq.markdown_table(rows)
     table = text[text.index("### Paired differences against lb"):].splitlines()
     header = [c.strip() for c in table[2].strip("|").split("|")]
