@@ -192,6 +192,16 @@ def test_row_normalize_by_hand():
         analysis.row_normalize([1, 2, 3])
 
 
+def test_entropy_axis_zooms_to_the_data():
+    """Normalized entropy near 1: the axis runs from a little below the smallest value to a little above
+    1 (15% / 5% of 1 - min), never below 0; nothing finite: the full (0, 1.02)."""
+    assert plots.unit_ylim([0.96, 0.99, float("nan"), None]) == pytest.approx((0.96 - 0.15 * 0.04, 1.0 + 0.05 * 0.04))
+    assert plots.unit_ylim([0.2, 0.5]) == pytest.approx((0.2 - 0.15 * 0.8, 1.04))
+    assert plots.unit_ylim([0.05]) == pytest.approx((0.0, 1.0 + 0.05 * 0.95))
+    assert plots.unit_ylim([1.0]) == pytest.approx((1.0 - 0.0015, 1.0005))  # flat at 1: a 0.01 window
+    assert plots.unit_ylim([float("nan")]) == (0.0, 1.02) and plots.unit_ylim([]) == (0.0, 1.02)
+
+
 def test_dead_expert_row_is_gray_not_zero(tmp_path):
     run_dir = tmp_path / "r"
     run_dir.mkdir()

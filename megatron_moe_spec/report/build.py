@@ -176,7 +176,10 @@ def generate_report(run_dirs: Sequence[str], output: Optional[str] = None, layer
              "Routing entropy, mean over MoE layers")
     if with_layer_entropy and all_layers:
         emit("entropy", plots.plot_layer_lines(with_layer_entropy, all_layers, "routing_entropy",
-                                               "Routing entropy per MoE layer", "H(p) / log E", ylim=(0, 1.02),
+                                               "Routing entropy per MoE layer", "H(p) / log E (zoomed)",
+                                               ylim=plots.unit_ylim(
+                                                   v for r in with_layer_entropy for layer in all_layers
+                                                   for v in r.series(f"routing_entropy/layer_{layer}")[1]),
                                                colors=colors),
              "entropy_layers", "Routing entropy per MoE layer")
     if not with_entropy and not with_layer_entropy:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import matplotlib
@@ -372,6 +372,17 @@ def plot_losses(runs: Sequence[Run], colors) -> Figure:
 
 
 # ---------------------------------------------------------------------- 2. routing entropy
+def unit_ylim(values: Iterable[float]) -> Tuple[float, float]:
+    """y-limits for a quantity in [0, 1] that stays near 1 (normalized entropy): from a little below the
+    smallest finite value to a little above 1, so that small differences near 1 stay visible and the
+    line at 1 is still drawn; (0, 1.02) when there is no finite value."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return 0.0, 1.02
+    span = max(1.0 - min(finite), 0.01)
+    return max(0.0, min(finite) - 0.15 * span), 1.0 + 0.05 * span
+
+
 def plot_entropy_mean(runs: Sequence[Run], colors) -> Figure:
     fig = new_figure(8.0, 4.5)
     with matplotlib.rc_context(RC):
@@ -379,11 +390,11 @@ def plot_entropy_mean(runs: Sequence[Run], colors) -> Figure:
         for run in runs:
             x, y = run.series("routing_entropy")
             _plot_curve(ax, x, y, colors[run.name], label=run.name)
-        ax.set_ylim(0, 1.02)
+        ax.set_ylim(*unit_ylim(v for run in runs for v in run.series("routing_entropy")[1]))
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
         ax.text(ax.get_xlim()[0], 1.0, " uniform routing", va="bottom", ha="left", fontsize=8, color="0.4")
         ax.set_xlabel("step")
-        ax.set_ylabel("H(p) / log E   (1 = uniform, 0 = one expert)")
+        ax.set_ylabel("H(p) / log E   (1 = uniform, 0 = one expert)\naxis zoomed to the data")
         ax.set_title("Routing entropy, mean over MoE layers")
         _run_legend(fig, runs, colors)
     return fig
