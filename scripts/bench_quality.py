@@ -13,10 +13,12 @@ metrics.jsonl already reaches the last step is skipped, so an interrupted grid i
 same command again; an unfinished run is started over (the benchmark saves no intermediate checkpoints).
 The corpus is prepared once (``--data``, reused when its manifest matches), as scripts/demo.sh does.
 
-The table (``--table``, markdown; the same numbers as JSON next to it, ``.json``) has one row per
-(arch, variant): the number of finished seeds, validation perplexity exp(last ``val_lm_loss``) and the
-last-logged value of each routing metric (``METRICS``), each as mean +- sample standard deviation over
-the seeds (ddof 1; no std with one seed). ``aggregate`` is a pure function of run directories.
+The table (``--table``, markdown; the same numbers and every run's values as JSON next to it, ``.json``;
+a plot, ``.png``) has one row per (arch, variant): the number of finished seeds, validation perplexity
+exp(last ``val_lm_loss``) and each routing metric (``METRICS``) averaged over the last 10% of the run, each
+as mean +- sample standard deviation over the seeds (ddof 1; no std with one seed). A second table and the
+plot pair every run with the ``lb`` run of the same arch and seed (same initial weights and data order)
+and give the differences. ``aggregate`` is a pure function of run directories.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ ARCHS = ("tiny_vanilla", "tiny_deepseek")
 EXTRA_VARIANTS = ("lb_sp_cp_x10",)
 QUICK_VARIANTS = ("lb", "lb_sp_cp")
 BASE_SEED = 1234  # configs/base/tiny.yaml's training.seed: seed i of the grid is BASE_SEED + i
-#: The last-logged metrics of the table (metrics.jsonl keys, docs/design.md), after perplexity.
+#: The metrics of the table (metrics.jsonl keys, docs/design.md), after perplexity.
 METRICS = ("routing_entropy", "topk_mass", "load_cv", "max_vio", "activation_similarity", "pathway_nmi",
            "domain_mi", "tokens_per_sec")
 PPL = "val_ppl"
@@ -235,11 +237,18 @@ def mean_std(values: Iterable[Optional[float]]) -> Dict[str, Optional[float]]:
     return {"mean": mean, "std": std, "n": len(xs)}
 
 
+def baseline_row(rows: List[dict], row: dict) -> Optional[dict]:
+    """The BASELINE row of ``row``'s arch; None for the baseline itself and when the arch has none."""
+    if row["variant"] == BASELINE:
+        return None
+    return next((r for r in rows if r["arch"] == row["arch"] and r["variant"] == BASELINE), None)
+
+
 def seed_differences(rows: List[dict], row: dict, key: str) -> List[float]:
     """Per seed (run name) the row's ``key`` minus the BASELINE row's of the same arch and seed; for
-    PPL the relative difference in %. Empty for the baseline itself and when the arch has none."""
-    base = next((r for r in rows if r["arch"] == row["arch"] and r["variant"] == BASELINE), None)
-    if base is None or row["variant"] == BASELINE:
+    PPL the relative difference in %. Empty without a baseline (``baseline_row``)."""
+    base = baseline_row(rows, row)
+    if base is None:
         return []
     diff = (lambda v, b: 100.0 * (v / b - 1.0)) if key == PPL else (lambda v, b: v - b)
     return [diff(v[key], base["per_run"][s][key]) for s, v in row["per_run"].items()
@@ -249,8 +258,8 @@ def seed_differences(rows: List[dict], row: dict, key: str) -> List[float]:
 def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
     """Pure: ``{(arch, variant): [run_dir, ...]}`` -> one row per group, in the given order:
     ``{"arch", "variant", "seeds", "runs", "per_run": {run name: run_values}, PPL: {"mean", "std", "n"},
-    metric: {...}, ..., DELTA: {...},
-    "wins": (k, n)}``. ``DELTA`` is the paired comparison with the BASELINE variant of the same arch:
+    metric: {...}, ..., DELTA: {...}, "wins": (k, n), "paired": {metric: {...}}}``.
+    ``DELTA`` is the paired comparison with the BASELINE variant of the same arch:
     per seed (run directories with the same name) 100 * (ppl / baseline ppl - 1), mean and std over the
     seeds both have; ``wins`` counts the seeds where the variant's ppl is below the baseline's. Both
     are None for the baseline itself and when it has no run of a common seed. ``"paired"``: for each
@@ -265,13 +274,11 @@ def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
             row[key] = mean_std(r[key] for r in per_run.values())
         rows.append(row)
     for row in rows:  # the paired comparisons, once every row (the baseline's too) has its per-run values
-        has_base = row["variant"] != BASELINE and any(
-            r["arch"] == row["arch"] and r["variant"] == BASELINE for r in rows)
         ds = seed_differences(rows, row, PPL)
         row[DELTA] = mean_std(ds) if ds else None
         row["wins"] = (sum(d < 0 for d in ds), len(ds)) if ds else None
         row["paired"] = {key: paired_differences(seed_differences(rows, row, key)) for key, _, _ in PAIRED} \
-            if has_base else None
+            if baseline_row(rows, row) else None
     return rows
 
 
@@ -320,7 +327,8 @@ def _delta_cell(row: dict) -> str:
 
 def markdown_table(rows: List[dict], title: Optional[str] = None) -> str:
     """The rows as a markdown table: mean ± std over seeds (no ± with one seed, – when never logged)."""
-    header = ["arch", "variant", "seeds", "val ppl", "Δ ppl vs lb (paired)"] + [label for _, label, _ in COLUMNS[1:]]
+    header = ["arch", "variant", "seeds", "val ppl", f"Δ ppl vs {BASELINE} (paired)"]
+    header += [label for _, label, _ in COLUMNS[1:]]
     lines = [f"## {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for row in rows:
