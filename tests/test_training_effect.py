@@ -54,7 +54,7 @@ def train(spec: SpecializationConfig):
         optimizer.step()
         clear_aux_losses_tracker()
         report = layer_metrics.report()
-        history.append({"lm_loss": float(loss), **{k: v for k, v in report.items() if isinstance(v, float)}})
+        history.append({"lm_loss": float(loss.detach()), **{k: v for k, v in report.items() if isinstance(v, float)}})
     return history
 
 
