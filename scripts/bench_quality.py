@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from megatron_moe_spec.run_records import METRICS_FILE, merge_by_step, read_jsonl
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = ("lb", "lb_z", "lb_o_v", "lb_sp", "lb_cp", "lb_sp_cp", "lb_z_sp_cp")
@@ -68,21 +70,13 @@ def run_dir(out: str, arch: str, variant: str, seed: int) -> str:
 
 def read_metrics(path: str) -> List[dict]:
     """metrics.jsonl of a run directory, one merged record per step in step order (a resumed run
-    re-logs steps: later values win); malformed lines (a run killed mid-write) are skipped."""
-    by_step: Dict[int, dict] = {}
-    try:
-        f = open(os.path.join(path, "metrics.jsonl"))
-    except OSError:
+    re-logs steps: later values win; ``run_records``); malformed lines (a run killed mid-write) are
+    skipped; [] without the file."""
+    metrics_path = os.path.join(path, METRICS_FILE)
+    if not os.path.isfile(metrics_path):
         return []
-    with f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
-                by_step.setdefault(int(rec["step"]), {}).update(rec)
-    return [by_step[s] for s in sorted(by_step)]
+    ignored: List[str] = []
+    return merge_by_step(read_jsonl(metrics_path, ignored), ignored, metrics_path)
 
 
 def last_step(path: str) -> Optional[int]:
@@ -264,11 +258,9 @@ def aggregate(groups: Dict[Tuple[str, str], Sequence[str]]) -> List[dict]:
     seeds both have; ``wins`` counts the seeds where the variant's ppl is below the baseline's. Both
     are None for the baseline itself and when it has no run of a common seed. ``"paired"``: for each
     metric of PAIRED, ``paired_differences`` against the baseline (None without a baseline)."""
-    values = {key: {os.path.basename(os.path.normpath(d)): run_values(read_metrics(d)) for d in dirs}
-              for key, dirs in groups.items()}
     rows = []
     for (arch, variant), dirs in groups.items():
-        per_run = values[(arch, variant)]
+        per_run = {os.path.basename(os.path.normpath(d)): run_values(read_metrics(d)) for d in dirs}
         row = {"arch": arch, "variant": variant, "seeds": len(dirs), "runs": list(dirs), "per_run": per_run}
         for key in (PPL,) + METRICS:
             row[key] = mean_std(r[key] for r in per_run.values())

@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
+from ..run_records import METRICS_FILE, merge_by_step, read_jsonl
+
 ROUTING_FILE = "routing.jsonl"
 CONFIG_FILE = "config.yaml"
 DOMAINS_FILE = "domains.json"
@@ -153,20 +154,9 @@ def load_run(path: str) -> Run:
         )
 
     warnings: List[str] = []
-    records = _read_jsonl(metrics_path, warnings)
-    by_step: Dict[int, dict] = {}
-    for rec in records:
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
-            warnings.append(f"{metrics_path}: skipped a record without an integer 'step'")
-            continue
-        rec = dict(rec)
-        rec["step"] = int(rec["step"])
-        # Several records of one step are merged, later keys winning: a resumed run re-logs steps
-        # (the new values replace the old), and a writer may log evaluation results separately.
-        by_step.setdefault(rec["step"], {}).update(rec)
-    if not by_step:
+    metrics = merge_by_step(read_jsonl(metrics_path, warnings), warnings, metrics_path)
+    if not metrics:
         raise RunDirError(f"{metrics_path} contains no metrics records")
-    metrics = [by_step[s] for s in sorted(by_step)]
 
     config, config_text = {}, ""
     config_path = os.path.join(path, CONFIG_FILE)
@@ -237,22 +227,6 @@ def _to_float(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _read_jsonl(path: str, warnings: List[str]):
-    """Yield the JSON objects of a .jsonl file; malformed lines (e.g. the half-written last line
-    of a run that is still going) are skipped with a warning."""
-    out = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                warnings.append(f"{path}:{lineno}: skipped a malformed line")
-    return out
 
 
 def _read_routing(path: str, run: Run) -> None:
