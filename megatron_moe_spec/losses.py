@@ -31,6 +31,7 @@ __all__ = [
     "orthogonality_loss",
     "variance_loss",
     "strided_token_subset",
+    "global_strided_mask",
     "token_gram",
 ]
 
@@ -96,6 +97,30 @@ def strided_token_subset(valid_T: Optional[torch.Tensor], max_tokens: Optional[i
     pos = torch.div(torch.arange(max_tokens, device=valid_idx.device) * n, max_tokens,
                     rounding_mode="floor")
     return valid_idx[pos]
+
+
+def global_strided_mask(seq_len: int, batch_size: int, seq_start: int, seq_count: int,
+                        max_tokens: int, device=None) -> torch.Tensor:
+    """The ``sp_max_tokens`` subset of a micro-batch, chosen by global position (spec section 1).
+
+    The micro-batch has ``batch_size`` sequences of ``seq_len`` tokens, N = seq_len * batch_size
+    positions q = b * seq_len + s (batch-major). The subset is every position with
+    q % ceil(N / max_tokens) == 0: at most ``max_tokens`` positions, spread evenly over every
+    sequence. It depends on nothing but (b, s), so a rank holding only positions
+    [seq_start, seq_start + seq_count) of every sequence (a sequence-parallel shard) selects
+    exactly its share of the same subset.
+
+    Returns bool [seq_count * batch_size] in the MoE layer's token order (sequence-major: local
+    token i is (s = seq_start + i // batch_size, b = i % batch_size)). Invalid tokens are removed
+    by the caller (``valid & mask``), so at most ``max_tokens`` valid tokens remain.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    total = seq_len * batch_size
+    stride = -(-total // max_tokens)
+    s_S1 = torch.arange(seq_start, seq_start + seq_count, device=device).unsqueeze(1)
+    b_1B = torch.arange(batch_size, device=device).unsqueeze(0)
+    return ((b_1B * seq_len + s_S1) % stride == 0).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- Gram product

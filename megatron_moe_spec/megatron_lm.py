@@ -61,7 +61,8 @@ _FLAGS = {
     "var_coeff": (float, "lambda_v of L_v, the router variance loss of arXiv 2505.22323. Default 0 (off)."),
     "sp_similarity": (SP_SIMILARITIES, "R_sp pair similarity. Default squared_cosine."),
     "sp_max_tokens": (int, "Evaluate R_sp and L_o on at most this many valid tokens per micro-batch "
-                           "(evenly strided). Default: all tokens."),
+                           "(evenly strided by global position: the same tokens in every layout). "
+                           "Default: all tokens."),
     "cp_form": (CP_FORMS, "R_cp form: product = -mean M M', log = -mean log(M M' + 1e-9). Default product."),
     "cp_pipeline": (CP_PIPELINE_POLICIES, "Adjacent MoE layers on different pipeline stages "
                                           "(see docs/configuration.md). Default exact."),
@@ -340,15 +341,15 @@ def register_model(model) -> None:
             f"is --spec unset or '{SPEC_MODULE} {SPEC_FUNCTION}'?"
         )
     for layer in ours:
-        layer.set_metrics_step(spec_config.metrics_interval == 1)
+        layer.begin_step(metrics=spec_config.metrics and spec_config.metrics_interval == 1)
         _STATE.layers.append(weakref.ref(layer))
 
 
-def _set_metrics_step(active: bool) -> None:
+def _begin_step(metrics: bool) -> None:
     for ref in _STATE.layers:
         layer = ref()
         if layer is not None:
-            layer.set_metrics_step(active)
+            layer.begin_step(metrics)
 
 
 # ---------------------------------------------------------------------------------- logging
@@ -413,6 +414,7 @@ def log_specialization_metrics(iteration: int, writer=None, wandb_writer=None) -
     """
     spec_config = _spec_config()
     if not spec_config.metrics:
+        _begin_step(False)  # the next step starts: R_cp's recompute queues are emptied
         return None
     interval = spec_config.metrics_interval
     scalars = None
@@ -431,7 +433,7 @@ def log_specialization_metrics(iteration: int, writer=None, wandb_writer=None) -
                 wandb_writer.log(scalars, iteration)
             _print_last(f" [moe-spec] iteration {iteration:8d} | " + " | ".join(
                 f"{tag[4:]}: {value:.4g}" for tag, value in scalars.items() if "_layer_" not in tag))
-    _set_metrics_step((iteration + 1) % interval == 0)
+    _begin_step((iteration + 1) % interval == 0)
     return scalars
 
 

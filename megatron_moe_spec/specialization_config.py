@@ -39,7 +39,8 @@ class SpecializationConfig:
     """R_sp pair similarity: ``squared_cosine`` (default) or ``abs_cosine``."""
     sp_max_tokens: Optional[int] = None
     """Evaluate R_sp (and L_o) on an evenly strided subset of at most this many valid tokens per
-    micro-batch; None = all tokens."""
+    micro-batch, chosen by global position (``losses.global_strided_mask``), so every parallel
+    layout picks the same tokens; None = all tokens. (The EP exchange still moves every row.)"""
     cp_form: str = "product"
     """R_cp form: ``product`` = -mean M^l M^l', ``log`` = -mean log(M^l M^l' + 1e-9)."""
     cp_pipeline: str = "skip"

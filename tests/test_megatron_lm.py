@@ -375,7 +375,7 @@ class FakeLayer:
     def __init__(self):
         self.active = []
 
-    def set_metrics_step(self, active):
+    def begin_step(self, active):
         self.active.append(active)
 
 

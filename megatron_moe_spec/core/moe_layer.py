@@ -28,7 +28,7 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_moe_spec import losses
 from megatron_moe_spec.core import aux_losses, layer_metrics
-from megatron_moe_spec.core.expert_capture import capture_fc2_inputs, ungate
+from megatron_moe_spec.core.expert_capture import capture_expert_rows, ungate
 from megatron_moe_spec.core.router import SpecializationRouter
 from megatron_moe_spec.core.routing_record import RoutingRecord
 from megatron_moe_spec.core.token_exchange import place_shard, rows_to_tokens
@@ -47,6 +47,17 @@ class RoutingCarry:
     top1_T: torch.Tensor
     num_experts: int
     producer: Any = None  # the SpecializationMoELayer that made it (same rank, same stage)
+
+
+@dataclass
+class _QueuedMass:
+    """One R_cp recompute-queue entry: the other layer's first-pass mass, and the tag a pop checks."""
+
+    mass_T: torch.Tensor  # the other layer's top-k mass M (detached)
+    valid_T: torch.Tensor
+    layer_number: int  # the other layer
+    owner_layer: int  # the layer whose queue this is
+    owner_mass_T: torch.Tensor  # the owner's first-pass mass of the same micro-batch
 
 
 class SpecializationMoELayer(MoELayer):
@@ -75,54 +86,77 @@ class SpecializationMoELayer(MoELayer):
         self._z_TKF: Optional[torch.Tensor] = None
         self._y_TKH: Optional[torch.Tensor] = None
         self._metrics_step = True
+        self._tokens_SB = None
         # R_cp under activation recomputation (see _coupling_under_recompute): first-pass values
         # queued for the recompute pass, in micro-batch order (megatron recomputes in forward order).
-        self._previous_mass_fifo = collections.deque()  # (M^l, valid^l, l) for this layer l'
-        self._next_mass_fifo = collections.deque()      # (M^l', valid^l') for this layer l
+        self._previous_mass_fifo = collections.deque()  # _QueuedMass of layer l, in this layer l'
+        self._next_mass_fifo = collections.deque()      # _QueuedMass of layer l', in this layer l
 
     # ------------------------------------------------------------------ queries
-    @property
-    def _needs_z(self) -> bool:
-        return self.topk > 1 and (self.spec.sp_coeff > 0 or (self.spec.metrics and self._metrics_step))
+    def _loss_pass(self) -> bool:
+        """This forward builds the graph the losses attach to (training with grad enabled: the only
+        pass of a plain layer, the recompute pass of a checkpointed one)."""
+        return self.training and torch.is_grad_enabled()
 
-    @property
-    def _needs_y(self) -> bool:
-        return self.topk > 1 and self.spec.ortho_coeff > 0
+    def _metrics_pass(self) -> bool:
+        """The metrics of this micro-batch are collected in this forward (see _collect_metrics_now)."""
+        return self.spec.metrics and self._metrics_step and self._collect_metrics_now()
 
-    def set_metrics_step(self, active: bool) -> None:
-        """The driver turns metric collection on for the iterations it logs (``metrics_interval``)."""
-        self._metrics_step = active
+    def _wants_z(self) -> bool:
+        """z travels only when something consumes it in this pass: R_sp, or the similarity metric
+        on a metrics step. (Every EP rank decides alike: the exchange is a collective.)"""
+        return self.topk > 1 and ((self.spec.sp_coeff > 0 and self._loss_pass()) or self._metrics_pass())
+
+    def _wants_y(self) -> bool:
+        return self.topk > 1 and self.spec.ortho_coeff > 0 and self._loss_pass()
+
+    def begin_step(self, metrics: bool) -> None:
+        """Call once before each training step (the driver and the Megatron-LM hooks do).
+
+        ``metrics``: collect the routing metrics in this step (the driver's ``metrics_interval``).
+        Also empties R_cp's recompute queues: every micro-batch's recompute pass runs inside the
+        step of its first pass, so anything left is from a forward that had no backward (a
+        train-mode forward under ``torch.no_grad()``) and must not pair with a later micro-batch.
+        """
+        self._metrics_step = metrics
+        if self._previous_mass_fifo or self._next_mass_fifo:
+            logger.debug("layer %d: dropping %d + %d unconsumed R_cp recompute entries",
+                         self.layer_number, len(self._previous_mass_fifo), len(self._next_mass_fifo))
+        self._previous_mass_fifo.clear()
+        self._next_mass_fifo.clear()
 
     # ------------------------------------------------------------------ megatron's steps
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().route(hidden_states, padding_mask)
         self._record = self.router.pop_record()
+        self._tokens_SB = tuple(hidden_states.shape[:2])  # [S_local, B]: this rank's sequence shard
         return probs, routing_map
 
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
-        if self._record is None or not (self._needs_z or self._needs_y):
+        want_z, want_y = self._wants_z(), self._wants_y()
+        if self._record is None or not (want_z or want_y):
             return super().routed_experts_compute(hidden_states, probs)
         dispatcher = self.token_dispatcher
         # The allgather dispatcher forgets its gathered routing map in dispatch_postprocess.
         gathered_map = getattr(dispatcher, "routing_map", None)
-        dispatched, tokens_per_expert, permuted_probs = dispatcher.dispatch_postprocess(hidden_states, probs)
-        with capture_fc2_inputs(self.experts) as fc2_inputs:
-            expert_output, mlp_bias = self.experts(dispatched, tokens_per_expert, permuted_probs)
-        assert mlp_bias is None, f"mlp_bias is not supported for {type(dispatcher)}"
+        with capture_expert_rows(self.experts, fc2_inputs=want_z) as captured:
+            output, mlp_bias = super().routed_experts_compute(hidden_states, probs)
 
+        # The rows travel in the experts' own dtype (bf16 in bf16 training): ungate divides in fp32
+        # and returns that dtype; the losses upcast inside their Gram kernels.
         pieces = []
-        if self._needs_z:
-            z_rows = ungate(torch.cat(fc2_inputs, dim=0), permuted_probs)  # [R, F / etp]
+        if want_z:
+            z_rows = ungate(captured.gated_z(), captured.permuted_probs)  # [R, F / etp]
             etp_rank = self.expert_tp_group.rank() if self.expert_tp_group is not None else 0
             pieces.append(place_shard(z_rows, etp_rank * z_rows.shape[-1], self.ffn_size))
-        if self._needs_y:
-            pieces.append(ungate(expert_output, permuted_probs))  # [R, H], partial over ETP
-        tokens_TKW = rows_to_tokens(dispatcher, torch.cat(pieces, dim=1), self._record, gathered_map)
-        width_z = self.ffn_size if self._needs_z else 0
-        self._z_TKF = tokens_TKW[..., :width_z] if self._needs_z else None
-        self._y_TKH = tokens_TKW[..., width_z:] if self._needs_y else None
-
-        output = dispatcher.combine_preprocess(expert_output)
+        if want_y:
+            y_rows = ungate(captured.expert_output, captured.permuted_probs)  # [R, H], partial over ETP
+            pieces.append(y_rows.to(pieces[0].dtype) if pieces else y_rows)
+        rows = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        tokens_TKW = rows_to_tokens(dispatcher, rows, self._record, gathered_map)
+        width_z = self.ffn_size if want_z else 0
+        self._z_TKF = tokens_TKW[..., :width_z] if want_z else None
+        self._y_TKH = tokens_TKW[..., width_z:] if want_y else None
         return output, mlp_bias
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
@@ -156,12 +190,13 @@ class SpecializationMoELayer(MoELayer):
         local_n = valid_T.sum().float()
         total_n = aux_losses.global_valid_tokens(valid_T, self.tp_cp_group)
         share = local_n / total_n.clamp(min=1.0)  # this rank's part of the micro-batch mean
-        # Per-token loss: finalize_model_grads divides every gradient by the LM token count, which
-        # each rank counts over the full sequence of its CP shard (TP ranks see the whole sequence).
-        # Multiplying by that count keeps the effective coefficient of the run without per-token
-        # loss (megatron-core 0.16.1 multiplies its own aux losses by the sequence-parallel shard's
-        # count instead, which divides their gradient by TP; see docs/parallelism.md).
-        lm_tokens = aux_losses.global_valid_tokens(valid_T, self.tp_group) if per_token else None
+        # Per-token loss: finalize_model_grads divides every gradient by the LM token count summed
+        # over DPxCP, each rank counting its CP shard of the sequence. Multiplying by the micro-batch's
+        # token count (every non-padding token of the whole sequence: over TPxCP, capacity-dropped
+        # tokens included, as the LM counts them) keeps the effective coefficient of the run without
+        # per-token loss (megatron-core 0.16.1 multiplies its own aux losses by the sequence-parallel
+        # shard's count instead, which divides their gradient by TP; see docs/parallelism.md).
+        lm_tokens = aux_losses.global_valid_tokens(record.not_padding_T, self.tp_cp_group) if per_token else None
 
         def attach(name, coeff, partial, layer_number=self.layer_number, log=True):
             nonlocal output
@@ -169,14 +204,19 @@ class SpecializationMoELayer(MoELayer):
             if log:
                 aux_losses.log_loss(name, partial, layer_number, num_layers, self.tp_cp_group)
 
-        if spec.sp_coeff > 0 and self.topk > 1:
-            value = losses.specialization_loss(z_TKF, valid_T, spec.sp_similarity, spec.eps,
-                                               max_tokens=self._per_rank_max_tokens())
-            attach(aux_losses.SPECIALIZATION_LOSS, spec.sp_coeff, value * share)
-        if spec.ortho_coeff > 0 and self.topk > 1:
-            value = losses.orthogonality_loss(y_TKH, valid_T, spec.eps,
-                                              max_tokens=self._per_rank_max_tokens())
-            attach(aux_losses.ORTHOGONALITY_LOSS, spec.ortho_coeff, value * share)
+        if self.topk > 1 and (spec.sp_coeff > 0 or spec.ortho_coeff > 0):
+            # sp_max_tokens: the same tokens in every layout (chosen by global position).
+            pair_valid_T, pair_share = valid_T, share
+            if spec.sp_max_tokens is not None:
+                pair_valid_T = valid_T & self._budget_mask_T(valid_T.device)
+                pair_share = pair_valid_T.sum().float() / aux_losses.global_valid_tokens(
+                    pair_valid_T, self.tp_cp_group).clamp(min=1.0)
+            if spec.sp_coeff > 0:
+                value = losses.specialization_loss(z_TKF, pair_valid_T, spec.sp_similarity, spec.eps)
+                attach(aux_losses.SPECIALIZATION_LOSS, spec.sp_coeff, value * pair_share)
+            if spec.ortho_coeff > 0:
+                value = losses.orthogonality_loss(y_TKH, pair_valid_T, spec.eps)
+                attach(aux_losses.ORTHOGONALITY_LOSS, spec.ortho_coeff, value * pair_share)
         if spec.var_coeff > 0:
             attach(aux_losses.VARIANCE_LOSS, spec.var_coeff, self._variance_partial(record, total_n))
         if spec.cp_coeff > 0 and self._recomputed:
@@ -195,11 +235,19 @@ class SpecializationMoELayer(MoELayer):
         return self.moe_layer_recompute or self.config.recompute_granularity == "full"
 
     def _queue_for_recompute(self, mass_T, valid_T, incoming: Optional[RoutingCarry]) -> None:
-        """First (no-grad) pass of a recomputed layer: keep the values R_cp's recompute pass needs."""
+        """First (no-grad) pass of a recomputed layer: keep the values R_cp's recompute pass needs.
+
+        Each entry is tagged with the layer pair and with the first-pass top-k mass of the layer
+        that will pop it, which its recompute pass reproduces exactly: a pop checks both, so an
+        entry of another micro-batch can never be paired silently (see _pop_checked)."""
         if incoming is None or incoming.producer is None:
             return
-        self._previous_mass_fifo.append((incoming.mass_T.detach(), incoming.valid_T, incoming.layer_number))
-        incoming.producer._next_mass_fifo.append((mass_T.detach(), valid_T))
+        previous_mass = incoming.mass_T.detach()
+        own_mass = mass_T.detach()
+        self._previous_mass_fifo.append(_QueuedMass(previous_mass, incoming.valid_T, incoming.layer_number,
+                                                    self.layer_number, own_mass))
+        incoming.producer._next_mass_fifo.append(_QueuedMass(own_mass, valid_T, self.layer_number,
+                                                             incoming.layer_number, previous_mass))
 
     def _coupling_under_recompute(self, mass_T, valid_T):
         """R_cp when the router graph of the other layer of a pair does not exist in this pass.
@@ -208,19 +256,37 @@ class SpecializationMoELayer(MoELayer):
         layer l' attaches f(sg(M^l), M^l') and layer l attaches f(M^l, sg(M^l')), each with the other
         side's value from the first (no-grad) forward pass of the same micro-batch. The recomputed
         pass reproduces those values exactly, and megatron recomputes micro-batches in forward order,
-        so a FIFO per layer pairs them. The value is logged once, by l' (under l's index).
+        so a FIFO per layer pairs them (each pop checked, see _pop_checked). The value is logged
+        once, by l' (under l's index).
         Returns ``[(partial, layer_number_to_log_under, log?)]``.
         """
         terms = []
         if self._previous_mass_fifo:
-            previous_mass, previous_valid, previous_layer = self._previous_mass_fifo.popleft()
-            terms.append((self._coupling_partial(previous_mass, mass_T, previous_valid & valid_T),
-                          previous_layer, True))
+            entry = self._pop_checked(self._previous_mass_fifo, mass_T, "previous")
+            terms.append((self._coupling_partial(entry.mass_T, mass_T, entry.valid_T & valid_T),
+                          entry.layer_number, True))
         if self._next_mass_fifo:
-            next_mass, next_valid = self._next_mass_fifo.popleft()
-            terms.append((self._coupling_partial(mass_T, next_mass, valid_T & next_valid),
+            entry = self._pop_checked(self._next_mass_fifo, mass_T, "next")
+            terms.append((self._coupling_partial(mass_T, entry.mass_T, valid_T & entry.valid_T),
                           self.layer_number, False))
         return terms
+
+    def _pop_checked(self, fifo, mass_T, side: str) -> "_QueuedMass":
+        entry = fifo.popleft()
+        own = mass_T.detach()
+        same = (entry.owner_layer == self.layer_number and entry.owner_mass_T.shape == own.shape
+                and torch.allclose(entry.owner_mass_T, own, rtol=1e-5, atol=1e-6))
+        if not same:
+            fifo.clear()
+            raise RuntimeError(
+                f"R_cp under recomputation: layer {self.layer_number - 1} (0-based) popped a queued "
+                f"'{side}' entry of layer {entry.layer_number - 1} that belongs to another micro-batch "
+                "(its recorded top-k mass differs from this recompute pass). A training-mode forward "
+                "without its backward ran inside this step; call begin_step() on the MoE layers before "
+                "every training step (the driver and the Megatron-LM hooks do), or run such forwards "
+                "in eval mode"
+            )
+        return entry
 
     def _coupling_partial(self, mass_T, next_mass_T, joint_valid):
         """This rank's partial of R_cp for one pair (see aux_losses for the reduction contract)."""
@@ -254,11 +320,21 @@ class SpecializationMoELayer(MoELayer):
         per_expert = s2_E / n - (2 * s1_E * s1_global - s1_global.square() / size) / n.square()
         return -per_expert.mean()
 
-    def _per_rank_max_tokens(self) -> Optional[int]:
-        if self.spec.sp_max_tokens is None:
-            return None
-        size = self.tp_cp_group.size() if self.tp_cp_group is not None else 1
-        return max(1, self.spec.sp_max_tokens // size)
+    def _budget_mask_T(self, device) -> torch.Tensor:
+        """bool [T_local]: the tokens of ``sp_max_tokens``' global strided subset on this rank.
+
+        The MoE layer sees this rank's [S_local, B] tokens flattened sequence-major; under sequence
+        parallelism rank r of the TP group holds positions [r S_local, (r + 1) S_local) of each
+        sequence. The subset depends only on the tokens' global (batch, position) indices, so every
+        layout picks the same tokens as one process.
+        """
+        s_local, batch = self._tokens_SB
+        tp = self.tp_group.size() if self.tp_group is not None else 1
+        sharded = self.config.sequence_parallel and tp > 1
+        rank = self.tp_group.rank() if sharded else 0
+        return losses.global_strided_mask(seq_len=s_local * (tp if sharded else 1), batch_size=batch,
+                                          seq_start=rank * s_local, seq_count=s_local,
+                                          max_tokens=self.spec.sp_max_tokens, device=device)
 
     def _collect_metrics_now(self) -> bool:
         """Metrics once per micro-batch: in the grad-enabled forward, or, when this layer is

@@ -43,6 +43,8 @@ class SpecializationRouter(TopKRouter):
                 valid_T=valid_tokens(routing_map, self.topk, padding_T),
                 topk_idx_TK=topk_indices_from_map(routing_map, self.topk),
                 top1_T=masked_gates.argmax(dim=1),
+                not_padding_T=(~padding_T.bool() if padding_T is not None
+                               else torch.ones_like(routing_map[:, 0], dtype=torch.bool)),
             )
         return probs, routing_map
 

@@ -20,6 +20,8 @@ class RoutingRecord:
     topk_idx_TK: the k selected experts of each token, in ascending expert order: the slot order
                of the token exchange (rows of dropped tokens are arbitrary and masked by valid_T).
     top1_T:    the expert with the largest gate (the "top-1" of the pathway and domain metrics).
+    not_padding_T: bool, tokens that are not padding (capacity-dropped tokens included): the tokens
+               the LM loss counts, for the per-token-loss scale.
     """
 
     probs_TE: torch.Tensor
@@ -28,6 +30,7 @@ class RoutingRecord:
     valid_T: torch.Tensor
     topk_idx_TK: torch.Tensor
     top1_T: torch.Tensor
+    not_padding_T: torch.Tensor
 
     @property
     def num_tokens(self) -> int:

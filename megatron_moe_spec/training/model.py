@@ -87,7 +87,7 @@ def build_optimizer(cfg, model_chunks) -> Tuple[object, object]:
 
 
 def moe_layers(model_chunks):
-    """The specialization MoE layers of this rank (for ``set_metrics_step``)."""
+    """The specialization MoE layers of this rank (for ``begin_step``)."""
     from megatron_moe_spec.core.moe_layer import SpecializationMoELayer
 
     return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, SpecializationMoELayer)]
