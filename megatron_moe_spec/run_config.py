@@ -1394,8 +1394,9 @@ _SPECIALIZATION_HELP = {
     "sp_max_tokens": "Evaluate R_sp and L_o on an evenly strided subset (by global position) of at most this many valid tokens "
                      "per micro-batch; null = all tokens.",
     "cp_form": "R_cp form: product (-mean M^l M^l') or log (-mean log(M^l M^l' + 1e-9)).",
-    "cp_pipeline": "MoE pairs split across pipeline stages: skip (left out with a start-up "
-                   "warning naming them; exact transport across stages is not implemented).",
+    "cp_pipeline": "MoE pairs split across pipeline stages: exact (the top-k mass, validity and top-1 travel "
+                   "forward, 3T values, and dR/dM back, T values, per pair and micro-batch) or skip (left out, "
+                   "with a start-up warning naming them).",
     "v_form": "L_v form: paper (variance over tokens of each expert's gate) or per_token.",
     "eps": "eps of the cosine / projection denominators (fp32).",
     "metrics": "Compute and log the routing metrics (no gradient).",
@@ -1408,7 +1409,7 @@ _STR_TYPES = {"float": "a number", "int": "an integer", "bool": "true or false",
 _SPECIALIZATION_TYPES = {
     "sp_similarity": "squared_cosine \\| abs_cosine",
     "cp_form": "product \\| log",
-    "cp_pipeline": "skip",
+    "cp_pipeline": "exact \\| skip",
     "v_form": "paper \\| per_token",
 }
 

@@ -13,9 +13,9 @@ from typing import Optional
 SP_SIMILARITIES = ("squared_cosine", "abs_cosine")
 CP_FORMS = ("product", "log")
 V_FORMS = ("paper", "per_token")
-CP_PIPELINE_POLICIES = ("skip",)
-"""Only ``skip`` exists today: exact transport of M^l across a pipeline stage boundary is not
-implemented (docs/parallelism.md), and an option that silently did something else would lie."""
+CP_PIPELINE_POLICIES = ("exact", "skip")
+"""R_cp pairs across pipeline stages: ``exact`` (M^l travels forward, dR/dM^l back; the default) or
+``skip`` (left out, with a start-up warning naming them; saves the transfers). docs/parallelism.md."""
 
 
 @dataclass
@@ -43,9 +43,11 @@ class SpecializationConfig:
     layout picks the same tokens; None = all tokens. (The EP exchange still moves every row.)"""
     cp_form: str = "product"
     """R_cp form: ``product`` = -mean M^l M^l', ``log`` = -mean log(M^l M^l' + 1e-9)."""
-    cp_pipeline: str = "skip"
-    """Adjacent MoE layers on different pipeline stages / model chunks: ``skip`` (the pair is left out
-    of R_cp, with a start-up warning naming it; the spec's second option). The only value today."""
+    cp_pipeline: str = "exact"
+    """Adjacent MoE layers on different pipeline stages / model chunks: ``exact`` (default: the earlier
+    layer's top-k mass travels forward over a side channel and dR/dM back, T values each way per pair
+    and micro-batch; R_cp equals one process) or ``skip`` (the pair is left out of R_cp, with a
+    start-up warning naming it, 0-based as in the logs; saves the transfers)."""
     v_form: str = "paper"
     """L_v form: ``paper`` (variance over tokens of each expert's gate) or ``per_token``."""
     eps: float = 1e-6

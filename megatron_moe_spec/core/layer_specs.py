@@ -23,7 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_moe_spec.core import aux_losses
+from megatron_moe_spec.core import aux_losses, stage_transport
 from megatron_moe_spec.core.moe_layer import SpecializationMoELayer
 from megatron_moe_spec.core.router import SpecializationRouter
 from megatron_moe_spec.core.transformer_layer import SpecializationTransformerLayer
@@ -76,6 +76,9 @@ def specialize_block_spec(block: TransformerBlockSubmodules, config,
     if not checked:
         check_compatibility(config, spec_config)
     layer_specs = [substitute_layer_spec(s, spec_config) for s in block.layer_specs]
+    if spec_config.cp_coeff > 0 and spec_config.cp_pipeline == "exact" and \
+            cross_stage_pairs(config, moe_layer_numbers(config)):
+        stage_transport.ensure_side_groups()  # a collective: every rank builds its spec
     aux_losses.register_loss_names(enabled_loss_names(spec_config),
                                    config.num_layers + (config.mtp_num_layers or 0),
                                    reduce_group=_tp_cp_group_or_none())
@@ -190,7 +193,8 @@ def check_compatibility(config, spec_config: SpecializationConfig) -> None:
                 "and others not, and a pair across that boundary cannot be split: set "
                 "recompute_method to uniform, or cp_coeff to 0"
             )
-        warn_cross_stage_pairs(config, moe_layers)
+        if spec_config.cp_pipeline == "skip":
+            warn_cross_stage_pairs(config, moe_layers)
     if config.moe_router_topk == 1 and (spec_config.sp_coeff > 0 or spec_config.ortho_coeff > 0):
         logger.warning("moe_router_topk is 1: R_sp and L_o compare a token's experts pairwise and "
                        "are 0 with a single expert per token")
@@ -216,13 +220,20 @@ def cross_stage_pairs(config, moe_layers: List[int]) -> List[tuple]:
     return [(a, b) for a, b in zip(moe_layers[:-1], moe_layers[1:]) if owner.get(a) != owner.get(b)]
 
 
+_WARNED_PAIRS = set()
+
+
 def warn_cross_stage_pairs(config, moe_layers: List[int]) -> None:
-    pairs = cross_stage_pairs(config, moe_layers)
-    if pairs:
-        names = ", ".join(f"({a}, {b})" for a, b in pairs)
+    """``cp_pipeline: skip``: name the pairs left out, once per process, with the 0-based layer
+    indices of the logs (``coupling_loss/layer_i``)."""
+    pairs = tuple(cross_stage_pairs(config, moe_layers))
+    if pairs and pairs not in _WARNED_PAIRS:
+        _WARNED_PAIRS.add(pairs)
+        names = ", ".join(f"({a - 1}, {b - 1})" for a, b in pairs)
         logger.warning(
-            "R_cp: the adjacent MoE layer pairs %s live on different pipeline stages or model chunks "
-            "and are left out of R_cp (their routing does not travel across the stage boundary)",
+            "R_cp with cp_pipeline: skip: the adjacent MoE layer pairs %s (0-based layer indices, as in "
+            "the logs) live on different pipeline stages or model chunks and are left out of R_cp; "
+            "cp_pipeline: exact computes them",
             names,
         )
 

@@ -18,6 +18,7 @@ micro-batch across TPxCP (see ``aux_losses``).
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -27,7 +28,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_moe_spec import losses
-from megatron_moe_spec.core import aux_losses, layer_metrics
+from megatron_moe_spec.core import aux_losses, layer_metrics, stage_transport
 from megatron_moe_spec.core.expert_capture import capture_expert_rows, ungate
 from megatron_moe_spec.core.router import SpecializationRouter
 from megatron_moe_spec.core.routing_record import RoutingRecord
@@ -47,6 +48,7 @@ class RoutingCarry:
     top1_T: torch.Tensor
     num_experts: int
     producer: Any = None  # the SpecializationMoELayer that made it (same rank, same stage)
+    remote: bool = False  # received from another pipeline stage (mass_T is a leaf whose gradient goes back)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class SpecializationMoELayer(MoELayer):
         self._y_TKH: Optional[torch.Tensor] = None
         self._metrics_step = True
         self._tokens_SB = None
+        self._cross_stage = None  # see _cross_stage_peers
         # R_cp under activation recomputation (see _coupling_under_recompute): first-pass values
         # queued for the recompute pass, in micro-batch order (megatron recomputes in forward order).
         self._previous_mass_fifo = collections.deque()  # _QueuedMass of layer l, in this layer l'
@@ -124,6 +127,7 @@ class SpecializationMoELayer(MoELayer):
                          self.layer_number, len(self._previous_mass_fifo), len(self._next_mass_fifo))
         self._previous_mass_fifo.clear()
         self._next_mass_fifo.clear()
+        stage_transport.finish_sends()
 
     # ------------------------------------------------------------------ megatron's steps
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -177,6 +181,13 @@ class SpecializationMoELayer(MoELayer):
         mass_T = losses.topk_mass(record.probs_TE, record.topk_idx_TK)
         self.outgoing = RoutingCarry(self.layer_number, mass_T, record.valid_T, record.top1_T,
                                      record.num_experts, producer=self)
+        previous_stage, next_stage = self._cross_stage_peers()
+        transport = self.training and spec.cp_coeff > 0 and self._first_pass()
+        if previous_stage is not None and transport:
+            incoming = self._receive_previous(previous_stage, record)
+        if next_stage is not None and transport:
+            packed = torch.stack([mass_T.detach().float(), record.valid_T.float(), record.top1_T.float()])
+            stage_transport.send(packed, next_stage[1], stage_transport.tag(next_stage[0], backward=False))
         if spec.metrics and self._metrics_step and self._collect_metrics_now():
             layer_metrics.update(self.layer_number, record, z_TKF, incoming)
         if self.training and not torch.is_grad_enabled() and spec.cp_coeff > 0 and self._recomputed:
@@ -219,6 +230,10 @@ class SpecializationMoELayer(MoELayer):
                 attach(aux_losses.ORTHOGONALITY_LOSS, spec.ortho_coeff, value * pair_share)
         if spec.var_coeff > 0:
             attach(aux_losses.VARIANCE_LOSS, spec.var_coeff, self._variance_partial(record, total_n))
+        if spec.cp_coeff > 0 and next_stage is not None:
+            # The stage of the next MoE layer sends back dR/dM^l in backward.
+            output = stage_transport.InjectGradient.apply(
+                output, mass_T, next_stage[1], stage_transport.tag(next_stage[0], backward=True))
         if spec.cp_coeff > 0 and self._recomputed:
             for partial, layer_number, log in self._coupling_under_recompute(mass_T, valid_T):
                 attach(aux_losses.COUPLING_LOSS, spec.cp_coeff, partial, layer_number, log)
@@ -234,16 +249,60 @@ class SpecializationMoELayer(MoELayer):
         """This MoE layer's forward is checkpointed (MoE-level or full-layer recompute)."""
         return self.moe_layer_recompute or self.config.recompute_granularity == "full"
 
+    # ------------------------------------------------------------------ R_cp across pipeline stages
+    def _first_pass(self) -> bool:
+        """The forward that runs once per micro-batch: the only pass of a plain layer, the first
+        (no-grad) pass of a recomputed one. Cross-stage values are sent and received here."""
+        return not (self._recomputed and torch.is_grad_enabled())
+
+    def _cross_stage_peers(self):
+        """((next MoE layer, its pipeline rank) or None for the pair this layer starts, and the same for
+        the pair it ends) when that pair crosses a pipeline stage or model chunk and
+        ``cp_pipeline: exact``. Returned as (previous, next)."""
+        if self._cross_stage is None:
+            previous = following = None
+            pp = self.config.pipeline_model_parallel_size or 1
+            if self.spec.cp_coeff > 0 and self.spec.cp_pipeline == "exact" and pp > 1:
+                from megatron_moe_spec.core.layer_specs import moe_layer_numbers
+
+                numbers = moe_layer_numbers(self.config)
+                i = numbers.index(self.layer_number)
+                owner = functools.partial(stage_transport.pipeline_owner, self.config)
+                mine = owner(self.layer_number)
+                if i > 0 and owner(numbers[i - 1]) != mine:
+                    previous = (numbers[i - 1], owner(numbers[i - 1])[0])
+                if i + 1 < len(numbers) and owner(numbers[i + 1]) != mine:
+                    following = (numbers[i + 1], owner(numbers[i + 1])[0])
+            self._cross_stage = (previous, following)
+        return self._cross_stage
+
+    def _receive_previous(self, previous_stage, record: RoutingRecord) -> RoutingCarry:
+        """The carry of the previous MoE layer, from its stage: M^l arrives as a leaf whose gradient
+        (this stage's dR/dM^l) is sent back when backward computes it."""
+        layer_number, rank = previous_stage
+        packed = stage_transport.recv((3, record.num_tokens), rank,
+                                      stage_transport.tag(self.layer_number, backward=False),
+                                      record.probs_TE.device)
+        mass_T = packed[0].requires_grad_()
+        mass_T.register_hook(stage_transport.send_gradient_hook(
+            rank, stage_transport.tag(self.layer_number, backward=True)))
+        return RoutingCarry(layer_number, mass_T, packed[1].bool(), packed[2].long(), record.num_experts,
+                            remote=True)
+
     def _queue_for_recompute(self, mass_T, valid_T, incoming: Optional[RoutingCarry]) -> None:
         """First (no-grad) pass of a recomputed layer: keep the values R_cp's recompute pass needs.
 
         Each entry is tagged with the layer pair and with the first-pass top-k mass of the layer
         that will pop it, which its recompute pass reproduces exactly: a pop checks both, so an
         entry of another micro-batch can never be paired silently (see _pop_checked)."""
-        if incoming is None or incoming.producer is None:
+        if incoming is None or (incoming.producer is None and not incoming.remote):
+            return
+        own_mass = mass_T.detach()
+        if incoming.remote:  # from another stage: the leaf itself, whose gradient travels back
+            self._previous_mass_fifo.append(_QueuedMass(incoming.mass_T, incoming.valid_T, incoming.layer_number,
+                                                        self.layer_number, own_mass))
             return
         previous_mass = incoming.mass_T.detach()
-        own_mass = mass_T.detach()
         self._previous_mass_fifo.append(_QueuedMass(previous_mass, incoming.valid_T, incoming.layer_number,
                                                     self.layer_number, own_mass))
         incoming.producer._next_mass_fifo.append(_QueuedMass(own_mass, valid_T, self.layer_number,
