@@ -100,11 +100,20 @@ def train_eval_train(settings, spec_config):
     from megatron_moe_spec.core.moe_layer import SpecializationMoELayer
     from megatron_moe_spec.testing import tiny_gpt
 
+    from megatron_moe_spec.core import stage_transport
+
     config = tiny_gpt.build_transformer_config(settings)
     torch.manual_seed(1234)
     chunks = tiny_gpt.build_model(config, settings, spec_fn(spec_config))
     batches = tiny_gpt.local_microbatches(settings)
-    values = []
+    values, sent = [], []
+    real_send = stage_transport.send
+
+    def counting_send(tensor, pipeline_rank, stream):
+        sent.append((stream % 2, tensor.numel()))
+        return real_send(tensor, pipeline_rank, stream)
+
+    stage_transport.send = counting_send
     for mode in ("train", "eval", "no_grad", "train"):
         for chunk in chunks:
             chunk.train(mode != "eval")
@@ -114,6 +123,9 @@ def train_eval_train(settings, spec_config):
         if mode == "train":
             tiny_gpt.run_step(chunks, config, batches, settings)
             values.append(tiny_gpt.tracker_values(settings.num_microbatches, config.num_layers)["coupling_loss"])
+            if len(values) == 1:  # the side channel's traffic of one training step
+                values.append({"forward": sum(n for d, n in sent if d == 0),
+                               "backward": sum(n for d, n in sent if d == 1)})
             continue
         with torch.no_grad():
             iterators = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
@@ -121,13 +133,21 @@ def train_eval_train(settings, spec_config):
                 forward_step_func=tiny_gpt.lm_forward_step, data_iterator=iterators,
                 model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
                 seq_length=settings.seq_length, micro_batch_size=settings.micro_batch_size, forward_only=True)
+    stage_transport.send = real_send
     return values
 
 
-@pytest.mark.parametrize("parallel", [ParallelSizes(pp=2), ParallelSizes(pp=2, vpp=2)], ids=["pp2", "pp2_vpp2"])
-def test_evaluation_and_no_grad_passes_keep_the_stages_in_step(parallel):
+@pytest.mark.parametrize("parallel,crossing_pairs", [(ParallelSizes(pp=2), 1), (ParallelSizes(pp=2, vpp=2), 3)],
+                         ids=["pp2", "pp2_vpp2"])
+def test_evaluation_and_no_grad_passes_keep_the_stages_in_step(parallel, crossing_pairs):
+    """Also the side channel's traffic per training step: 3 T values forward and T backward per
+    crossing pair and micro-batch (T = tokens of a micro-batch), summed over the two stages."""
     results = run_distributed(train_eval_train, 2, parallel, args=(BASE, CP), timeout=300)
-    for first, second in results:
+    tokens = BASE.seq_length * BASE.micro_batch_size
+    per_pair = crossing_pairs * BASE.num_microbatches
+    assert sum(r[1]["forward"] for r in results) == 3 * tokens * per_pair
+    assert sum(r[1]["backward"] for r in results) == tokens * per_pair
+    for first, _, second in results:
         assert any(v != 0 for v in first) and any(v != 0 for v in second)
 
 
