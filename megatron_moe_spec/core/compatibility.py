@@ -154,8 +154,7 @@ OPTIONS: Dict[str, Option] = {
     "moe_paged_stash_buffer_size_factor_cuda": _only_with("moe_paged_stash", "0.19"),
     "moe_extended_tp": Option(NO_INTERACTION, "deprecated and ignored by megatron-core", versions="0.16"),
     "moe_per_layer_logging": Option(NO_INTERACTION, "logging of megatron's own losses only"),
-    "moe_token_dropping": Option(NO_INTERACTION, "documented by megatron-core as unsupported and unused",
-                                 versions="0.16"),
+    "moe_token_dropping": Option(NO_INTERACTION, "documented by megatron-core as unsupported and unused"),
     # ------------------------------------------------------------------ router
     "moe_router_score_function": Option(
         EXACT, "softmax: tests/test_core_independent.py::test_loss_value_and_gradient_match_independent_"
@@ -278,7 +277,7 @@ OPTIONS: Dict[str, Option] = {
     "hybrid_context_parallel": Option(
         REFUSED, "when any loss or the metrics are on",
         _fix("hybrid_context_parallel", "set hybrid_context_parallel to false",
-             "context parallelism is refused: GPU only and untested"), versions="0.16"),
+             "context parallelism is refused: GPU only and untested")),
     "overlap_moe_expert_parallel_comm": Option(
         REFUSED, "when any loss or the metrics are on",
         _fix("overlap_moe_expert_parallel_comm", "set overlap_moe_expert_parallel_comm to false",
@@ -325,8 +324,7 @@ OPTIONS: Dict[str, Option] = {
              "MoE layer and is exact)", "the activation checkpoint frees fc2's input before the losses "
              "read it")),
     "moe_layer_recompute": Option(
-        NO_INTERACTION, "deprecated alias megatron-core turns into recompute_modules [moe] (exact)",
-        versions="0.16"),
+        NO_INTERACTION, "deprecated alias megatron-core turns into recompute_modules [moe] (exact)"),
     "cpu_offloading": Option(
         REFUSED, "when any loss or the metrics are on",
         _fix("cpu_offloading", "set cpu_offloading to false",
