@@ -163,11 +163,13 @@ OPTIONS: Dict[str, Option] = {
         "moe_router_score_function: only softmax and sigmoid are tested with the specialization losses "
         "and metrics: set moe_router_score_function to softmax or sigmoid, or " + _OFF),
     "moe_router_pre_softmax": Option(
-        NO_INTERACTION, "changes the gates megatron returns, which the record takes as they are; p is "
+        NO_INTERACTION, "changes the gates megatron returns, which the record takes as they are (ungate "
+        "divides the gate the experts multiplied; L_v's paper form is defined on these gates); p is "
         "recomputed from the logits (softmax over all experts) either way"),
     "moe_router_topk_scaling_factor": Option(
         NO_INTERACTION, "scales the gates; the experts multiply the scaled gate and ungate divides the same "
-        "gate out, and p comes from the logits"),
+        "gate out, p comes from the logits, and L_v (paper form) is defined on the gates megatron "
+        "returns, scaling included"),
     "moe_router_num_groups": Option(
         EXACT, "tests/test_core_independent.py::test_variants_match_independent_computation[group_limited_topk]"),
     "moe_router_group_topk": Option(
