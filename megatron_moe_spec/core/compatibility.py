@@ -93,8 +93,9 @@ OPTIONS: Dict[str, Option] = {
         NO_INTERACTION, "gates the shared expert's output; shared experts are not captured (only routed "
         "experts enter R_sp / L_o) and the router is not touched"),
     "moe_shared_expert_overlap": Option(
-        EXACT, f"megatron-core < 0.18: {LEAD_TEST} (a shared-expert-overlap layout is still to be added); "
-        "refused on >= 0.18 with the alltoall dispatcher when R_sp, L_o or the metrics are on",
+        EXACT, "megatron-core < 0.18: tests/test_compatibility.py::test_shared_expert_overlap_before_0_18_"
+        "matches_one_process_without_it; refused on >= 0.18 with the alltoall dispatcher when R_sp, L_o or "
+        "the metrics are on",
         _fix("moe_shared_expert_overlap", "set moe_shared_expert_overlap to false",
              "from megatron-core 0.18 the alltoall dispatcher's token_combine runs the shared expert, so "
              "the extra combine of the R_sp / L_o / metrics exchange breaks its overlap state")),
@@ -104,7 +105,7 @@ OPTIONS: Dict[str, Option] = {
         NO_INTERACTION, "how the shared expert is computed; shared experts are not captured", versions="0.19"),
     "use_grouped_gemm_for_dense_mlp": Option(
         NO_INTERACTION, "dense (non-MoE) MLP layers only", versions="0.19"),
-    "moe_grouped_gemm": Option(
+    "moe_grouped_gemm": Option(  # GPU_TEST: the GPU helper's test name, to be filled in
         EXACT, f"GPU only (TEGroupedMLP): {GPU_TEST}; legacy GroupedMLP refused "
         "(moe_use_legacy_grouped_gemm)"),
     "moe_use_legacy_grouped_gemm": Option(
@@ -309,7 +310,10 @@ OPTIONS: Dict[str, Option] = {
     # ------------------------------------------------------------------ recomputation and offloading
     "recompute_granularity": Option(
         EXACT, "full: tests/test_core_parity.py::test_losses_match_one_process[full_recompute_ep2, "
-        f"full_recompute_2_layers_dp2]; selective: see recompute_modules; R_cp recompute FIFO: {LEAD_TEST}"),
+        "full_recompute_2_layers_dp2]; selective: see recompute_modules; R_cp's recompute queues: "
+        "tests/test_core_options.py::test_under_recomputation_only_one_pass_exchanges, "
+        "test_a_stray_no_grad_forward_is_refused_not_mispaired, "
+        "test_begin_step_drops_stray_entries_and_the_gradient_is_exact"),
     "recompute_method": Option(
         EXACT, "uniform: tests/test_core_parity.py[full_recompute_*]; block refused for R_cp",
         "recompute_method block: R_cp with full recomputation needs every layer recomputed alike, and a "
@@ -415,19 +419,22 @@ OPTIONS: Dict[str, Option] = {
         "activation: set gated_linear_unit=True (--swiglu), or set sp_coeff to 0"),
     "calculate_per_token_loss": Option(
         EXACT, "tests/test_core_parity.py::test_losses_match_one_process[per_token_loss_tp2_ep2, "
-        "per_token_loss_dp2_microbatches2]; with CP refused (context_parallel_size)"),
+        "per_token_loss_dp2_microbatches2], tests/test_core_options.py::test_per_token_loss_counts_capacity_"
+        "dropped_tokens; with CP refused (context_parallel_size)"),
     "pipeline_model_parallel_size": Option(
         EXACT, "tests/test_core_parity.py::test_losses_match_one_process[pp2_1f1b, pp2_dense_first_stage]; "
-        "R_cp pairs across stages are left out with a start-up warning"),
+        "R_cp pairs across stages: tests/test_cp_pipeline.py::test_cross_stage_coupling_matches_one_process "
+        "(specialization cp_pipeline: exact; skip leaves them out with a start-up warning)"),
     "virtual_pipeline_model_parallel_size": Option(
-        EXACT, "tests/test_core_parity.py::test_losses_match_one_process[pp2_vpp2_interleaved]"),
+        EXACT, "tests/test_core_parity.py::test_losses_match_one_process[pp2_vpp2_interleaved]; R_cp across "
+        "model chunks: tests/test_cp_pipeline.py::test_cross_stage_coupling_matches_one_process"),
     "sequence_parallel": Option(EXACT, "tests/test_core_parity.py::test_losses_match_one_process[tp2_sp]"),
     "tensor_model_parallel_size": Option(
         EXACT, "tests/test_core_parity.py::test_losses_match_one_process[tp2_sp, tp2_ep2]"),
 }
 
-LEAD_ROWS = ("moe_shared_expert_overlap", "recompute_granularity")
-"""Rows whose test name the lead fills in (placeholder text LEAD_TEST)."""
+LEAD_ROWS = ()
+"""Rows whose test name the lead fills in (placeholder text LEAD_TEST); none left."""
 
 
 def refusal(option: str) -> ValueError:
@@ -505,7 +512,8 @@ def check_compatibility(config, spec_config) -> None:
             raise refusal("moe_layer_freq")
         if config.recompute_granularity == "full" and config.recompute_method != "uniform":
             raise refusal("recompute_method")
-        warn_cross_stage_pairs(config, moe_layers)
+        if getattr(spec_config, "cp_pipeline", "skip") == "skip":  # main: "exact" transports the pairs
+            warn_cross_stage_pairs(config, moe_layers)
     if config.moe_router_topk == 1 and (spec_config.sp_coeff > 0 or spec_config.ortho_coeff > 0):
         logger.warning("moe_router_topk is 1: R_sp and L_o compare a token's experts pairwise and "
                        "are 0 with a single expert per token")
