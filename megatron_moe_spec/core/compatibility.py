@@ -226,7 +226,7 @@ OPTIONS: Dict[str, Option] = {
         EXACT, "tests/test_core_independent.py::test_variants_match_independent_computation[capacity_dropping]"),
     "moe_token_drop_policy": Option(
         EXACT, "probs: tests/test_core_independent.py::test_variants_match_independent_computation"
-        "[capacity_dropping]; position drops other tokens through the same routing map"),
+        "[capacity_dropping]; position (untested) only changes which tokens the same routing map drops"),
     "moe_pad_expert_input_to_capacity": Option(
         REFUSED, "when any loss or the metrics are on, with either dispatcher",
         _fix("moe_pad_expert_input_to_capacity", "set moe_pad_expert_input_to_capacity to false "
