@@ -29,7 +29,7 @@ setup(
     install_requires=[
         # torch: any recent build; the tests and CI pin the CPU build 2.13.0 (scripts/_env.sh).
         "torch>=2.1",
-        "megatron-core>=0.15,<0.20",
+        "megatron-core>=0.16,<0.20",
         "pyyaml>=6",
         "numpy",
         "packaging",

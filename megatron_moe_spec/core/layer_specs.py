@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_moe_spec.core import aux_losses, stage_transport
+from megatron_moe_spec.core.compatibility import check_compatibility  # noqa: F401  (the rule lives there)
 from megatron_moe_spec.core.moe_layer import SpecializationMoELayer
 from megatron_moe_spec.core.router import SpecializationRouter
 from megatron_moe_spec.core.transformer_layer import SpecializationTransformerLayer
@@ -149,55 +150,6 @@ def moe_layer_numbers(config) -> List[int]:
     else:
         pattern = list(freq)
     return [i + 1 for i, is_moe in enumerate(pattern) if is_moe]
-
-
-def check_compatibility(config, spec_config: SpecializationConfig) -> None:
-    """Refuse, with the fix, combinations the losses cannot serve; note the harmless ones once."""
-    if not spec_config.enabled:
-        return
-    if config.num_moe_experts is None:
-        raise ValueError("the specialization losses need an MoE model: set num_moe_experts")
-    needs_z = spec_config.sp_coeff > 0 or spec_config.ortho_coeff > 0 or spec_config.metrics
-    if spec_config.sp_coeff > 0 and not config.gated_linear_unit:
-        raise ValueError(
-            "specialization.sp_coeff > 0 needs a gated (SwiGLU) expert activation: set "
-            "gated_linear_unit=True (--swiglu), or set sp_coeff to 0"
-        )
-    if needs_z and config.moe_token_dispatcher_type == "flex":
-        raise ValueError(
-            "R_sp, L_o and the expert-similarity metric need each token's expert activations side by "
-            "side; the flex dispatcher is not supported: set moe_token_dispatcher_type to alltoall "
-            "or allgather"
-        )
-    if needs_z and config.moe_grouped_gemm and getattr(config, "moe_use_legacy_grouped_gemm", False):
-        raise ValueError(
-            "megatron's legacy GroupedMLP has no linear_fc2 module to capture the SwiGLU "
-            "intermediate from: set moe_use_legacy_grouped_gemm to false (TEGroupedMLP)"
-        )
-    if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
-        raise ValueError(
-            "CUDA graphs replay no Python side effects, so the routing records the losses need "
-            "would go missing: set cuda_graph_impl to none when specialization losses are on"
-        )
-    if spec_config.cp_coeff > 0:
-        moe_layers = moe_layer_numbers(config)
-        if len(moe_layers) < 2:
-            raise ValueError(
-                "specialization.cp_coeff > 0 (R_cp) couples adjacent MoE layers, and this model has "
-                f"{len(moe_layers)} MoE layer(s): add MoE layers or set cp_coeff to 0"
-            )
-        if config.recompute_granularity == "full" and config.recompute_method != "uniform":
-            raise ValueError(
-                "R_cp with full recomputation needs every layer recomputed alike "
-                "(recompute_method: uniform); with the block method some MoE layers are recomputed "
-                "and others not, and a pair across that boundary cannot be split: set "
-                "recompute_method to uniform, or cp_coeff to 0"
-            )
-        if spec_config.cp_pipeline == "skip":
-            warn_cross_stage_pairs(config, moe_layers)
-    if config.moe_router_topk == 1 and (spec_config.sp_coeff > 0 or spec_config.ortho_coeff > 0):
-        logger.warning("moe_router_topk is 1: R_sp and L_o compare a token's experts pairwise and "
-                       "are 0 with a single expert per token")
 
 
 def cross_stage_pairs(config, moe_layers: List[int]) -> List[tuple]:

@@ -208,7 +208,7 @@ def check_helpers() -> None:
     except ImportError as err:
         raise ImportError(
             f"megatron-core's C++ dataset helpers do not import ({err}). Install a megatron-core wheel "
-            f"built for this Python/platform (pip install --force-reinstall 'megatron-core>=0.15,<0.20'); "
+            f"built for this Python/platform (pip install --force-reinstall 'megatron-core>=0.16,<0.20'); "
             f"building from source needs a C++ compiler, the Python headers and pybind11."
         ) from err
 
