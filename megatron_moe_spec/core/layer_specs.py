@@ -154,22 +154,12 @@ def moe_layer_numbers(config) -> List[int]:
 
 def cross_stage_pairs(config, moe_layers: List[int]) -> List[tuple]:
     """Adjacent MoE layer pairs (l, l') that live on different pipeline stages / model chunks."""
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
     pp = config.pipeline_model_parallel_size or 1
     vpp = config.virtual_pipeline_model_parallel_size or 1
     if pp == 1 and vpp == 1:
         return []
-    owner = {}
-    for rank in range(pp):
-        for vp in range(vpp):
-            vp_stage = vp if vpp > 1 else None
-            offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=rank)
-            count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=rank)
-            for n in range(offset + 1, offset + count + 1):
-                owner[n] = (rank, vp)
-    return [(a, b) for a, b in zip(moe_layers[:-1], moe_layers[1:]) if owner.get(a) != owner.get(b)]
+    owner = functools.partial(stage_transport.pipeline_owner, config)
+    return [(a, b) for a, b in zip(moe_layers[:-1], moe_layers[1:]) if owner(a) != owner(b)]
 
 
 _WARNED_PAIRS = set()
