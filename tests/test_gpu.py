@@ -433,7 +433,7 @@ def run_smoke(run_dir: str, overrides=(), timeout: int = 420):
 def test_smoke_config_one_nccl_rank(tmp_path):
     run_dir = str(tmp_path / "smoke")
     proc = run_smoke(run_dir)
-    assert "no CUDA" not in proc.stdout
+    assert "no CUDA" not in proc.stdout and "bf16 on CUDA (nccl)" in proc.stdout
     cfg = load_run_config([GPU_SMOKE], [f"logging.run_dir={run_dir}"])
     impl, grouped = resolve_backend(cfg, cpu=False)
     summary = check_smoke_run(run_dir, cfg)
@@ -449,6 +449,7 @@ def test_smoke_config_on_cpu_with_gloo(tmp_path):
                  "eval.interval=4", "checkpoint.save_interval=4", "training.lr_warmup_iters=1"]
     proc = run_smoke(run_dir, overrides)
     assert "no CUDA: running on CPU with gloo" in proc.stdout
+    assert "layers: local spec, sequential experts, fp32 on CPU (gloo)" in proc.stdout
     check_smoke_run(run_dir, load_run_config([GPU_SMOKE], overrides + [f"logging.run_dir={run_dir}"]))
 
 
