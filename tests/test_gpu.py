@@ -46,7 +46,10 @@ NO_TE = ("Transformer Engine is not installed (transformer_engine.pytorch does n
 needs_cuda = pytest.mark.skipif(not CUDA, reason=NO_CUDA)
 needs_te = pytest.mark.skipif(not TE, reason=NO_CUDA if not CUDA else NO_TE)
 GPU = [pytest.mark.gpu, needs_cuda]
-DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
+# megatron-core puts some tensors on the GPU whenever CUDA is present (the MoE tracker, ...), so the CPU
+# variants run on machines without CUDA only, as the rest of the suite does (docs/cpu_backend.md).
+CPU_ONLY = pytest.mark.skipif(CUDA, reason="CUDA is present: the cuda variant of this test runs instead")
+DEVICES = [pytest.param("cpu", marks=CPU_ONLY), pytest.param("cuda", marks=GPU)]
 
 AUX_LOSSES = ["load_balancing_loss", "z_loss", "specialization_loss", "coupling_loss",
               "orthogonality_loss", "variance_loss"]
@@ -203,7 +206,7 @@ def independent_z(x_TH, routing_map_TE, experts, F: int) -> torch.Tensor:
 
 
 CAPTURE_CASES = [
-    pytest.param("local", "cpu", id="SequentialMLP-cpu"),
+    pytest.param("local", "cpu", id="SequentialMLP-cpu", marks=CPU_ONLY),
     pytest.param("local", "cuda", id="SequentialMLP-cuda", marks=GPU),
     pytest.param("te", "cuda", id="TEGroupedMLP-cuda", marks=[pytest.mark.gpu, needs_cuda, needs_te]),
 ]
@@ -260,8 +263,9 @@ def test_captured_z_equals_independent_swiglu(monkeypatch, impl, device):
             h.remove()
 
         assert len(captured) == len(moe_layers)
-        # fp32 everywhere; TE may run fp32 GEMMs in TF32 (10-bit mantissa)
-        tol = {"cpu": 1e-5, "cuda": 1e-4}[device] if impl == "local" else 3e-3
+        # fp32 model; TE may run fp32 GEMMs in TF32 (10-bit mantissa). A z that is still gated, or a row
+        # in the wrong slot, is off by tens of percent.
+        tol = {"cpu": 1e-5, "cuda": 1e-3}[device] if impl == "local" else 1e-2
         worst = 0.0
         for i, m in enumerate(moe_layers):
             H = inputs[i].shape[-1]
@@ -442,6 +446,7 @@ def test_smoke_config_one_nccl_rank(tmp_path):
 
 
 @pytest.mark.slow
+@CPU_ONLY
 def test_smoke_config_on_cpu_with_gloo(tmp_path):
     """The same checks on a shortened CPU run of the smoke config (fp32, gloo): the GPU test's logic."""
     run_dir = str(tmp_path / "smoke_cpu")
