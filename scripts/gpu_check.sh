@@ -79,14 +79,15 @@ fi
   echo "[gpu_check] python $("$PYTHON" -c 'import sys; print(sys.version.split()[0])'), torch with CUDA here: ${base_torch:-none}"
   echo "[gpu_check] MMS_VENV=$MMS_VENV MMS_TORCH=$MMS_TORCH MMS_MEGATRON_CORE=$MMS_MEGATRON_CORE wheels=${wheels:-index}"
   if [ -n "$base_torch" ] && [ ! -x "$MMS_VENV/bin/python" ]; then
-    # A venv that sees the interpreter's own packages (torch with CUDA, numpy, pytest, ...) through a .pth
-    # file: works whether $PYTHON is a system Python or itself a venv (--system-site-packages would see the
-    # base interpreter only). pip counts those packages as installed, so MMS_TORCH installs nothing.
-    "$PYTHON" -m venv "$MMS_VENV" || exit 1
+    # A venv that sees the interpreter's own packages (torch with CUDA, numpy, pytest, pip, setuptools, ...)
+    # through a .pth file: works whether $PYTHON is a system Python or itself a venv (--system-site-packages
+    # would see the base interpreter only). pip counts those packages as installed, so MMS_TORCH installs
+    # nothing, and installs what is missing into the venv. --without-pip: no ensurepip needed, and no
+    # bundled old setuptools shadowing the interpreter's (torch requires a newer one).
+    "$PYTHON" -m venv --without-pip "$MMS_VENV" || exit 1
     site_dir="$("$MMS_VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
     "$PYTHON" -c "import site; print('\n'.join(site.getsitepackages()))" >"$site_dir/_mms_base_env.pth"
-    # A venv's own old setuptools (Python < 3.12) would shadow the interpreter's (torch requires a newer one).
-    "$MMS_VENV/bin/python" -m pip uninstall -y -q setuptools >/dev/null 2>&1 || true
+    "$MMS_VENV/bin/python" -m pip --version || exit 1
   fi
 } >"$OUT_DIR/setup.log" 2>&1 || fail_report "could not create the virtual environment"
 # A separate bash, so that _env.sh's own `set -e` holds (a subshell on the left of || would ignore it).
