@@ -36,8 +36,10 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dir" \
     "megatron-core==$MMS_MEGATRON_CORE" || exit 1
   # the editable install of this package builds in an isolated environment that needs setuptools
-  # (wheel < 0.46 vendors packaging, so it needs nothing more)
-  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: -d "$dir" "setuptools>=77" "wheel<0.46" || exit 1
+  # (wheel < 0.46 vendors packaging, so it needs nothing more); megatron-core needs packaging >= 24.2,
+  # which pip takes from here only if the machine's is older
+  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: -d "$dir" "setuptools>=77" "wheel<0.46" \
+    "packaging>=24.2" || exit 1
   ls -1 "$dir"
   exit 0
 fi
