@@ -59,6 +59,8 @@ __all__ = [
     "count_parameters",
     "config_warnings",
     "padded_vocab_size",
+    "resolve_backend",
+    "transformer_engine_importable",
 ]
 
 
@@ -122,8 +124,9 @@ class ModelConfig:
     attention_dropout: float = _f(0.0, "Dropout on attention probabilities (Megatron's default is 0.1).", ge=0)
     init_method_std: float = _f(0.02, "Std of the normal weight initialization.", gt=0)
     transformer_impl: str = _f(
-        "local", "local (pure PyTorch, runs on CPU) or transformer_engine (GPU, needs TE).",
-        choices=("local", "transformer_engine"))
+        "local", "local (pure PyTorch, runs on CPU), transformer_engine (GPU, needs TE) or auto "
+        "(transformer_engine on a CUDA run when Transformer Engine is importable, local otherwise).",
+        choices=("local", "transformer_engine", "auto"))
 
     # ---- MoE (megatron-core names and semantics)
     num_moe_experts: Optional[int] = _f(None, "Routed experts E per MoE layer; null = dense model.", ge=1)
@@ -164,7 +167,10 @@ class ModelConfig:
         False, "Pad each expert's input to its capacity (needs moe_expert_capacity_factor).")
     moe_token_drop_policy: str = _f("probs", "Which tokens are dropped over capacity: probs or position.",
                                     choices=("probs", "position"))
-    moe_grouped_gemm: bool = _f(False, "Grouped GEMM experts (GPU only: needs TE or grouped_gemm).")
+    moe_grouped_gemm: Union[bool, str] = _f(
+        False, "Grouped GEMM experts (GPU only: with transformer_engine, TEGroupedMLP). auto = true "
+        "when transformer_impl resolves to transformer_engine, false with local (SequentialMLP).",
+        choices=(False, True, "auto"))
     moe_permute_fusion: bool = _f(False, "Fused token permutation (GPU only: needs TE >= 2.1).")
 
     # ------------------------------------------------------------- derived
@@ -682,14 +688,18 @@ def _check_fields(section: str, obj) -> None:
             raise ConfigError(f"{key}: is required; set it in your YAML ({section}: {{{f.name}: "
                               f"{meta.get('example')}}}) or with --set {key}=...", key=key)
         coerced = _coerce(value, f.type)
+        choices = meta.get("choices")
+        if coerced is _NO_MATCH and choices is not None:
+            shown = ", ".join(_fmt_default(c) for c in choices)
+            raise ConfigError(f"{key}: must be one of {shown}; got {value!r} ({type(value).__name__})",
+                              key=key)
         if coerced is _NO_MATCH:
             raise ConfigError(f"{key}: must be {_describe(f.type)}, got {value!r} "
                               f"({type(value).__name__}); fix the value in your YAML", key=key)
         setattr(obj, f.name, coerced)
         value = coerced
-        choices = meta.get("choices")
         if choices is not None and value not in choices:
-            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            shown = ", ".join(_fmt_default(c) for c in choices)
             hint = _suggest(str(value), [c for c in choices if c is not None])
             raise ConfigError(f"{key}: must be one of {shown}; got {value!r}{hint}", key=key)
         for bound, op, word in ((meta.get("ge"), lambda a, b: a >= b, ">="),
@@ -940,6 +950,13 @@ def _check_moe(cfg: RunConfig) -> None:
         if m.moe_token_dispatcher_type != "alltoall":
             raise _err("model.moe_shared_expert_overlap", "works with the alltoall dispatcher only; set "
                        "model.moe_token_dispatcher_type: alltoall or this to false")
+    if m.moe_grouped_gemm is True and m.transformer_impl == "local" and (
+            cfg.specialization.sp_coeff > 0 or cfg.specialization.ortho_coeff > 0
+            or cfg.specialization.metrics):
+        raise _err("model.moe_grouped_gemm", "true with model.transformer_impl: local builds megatron's "
+                   "legacy GroupedMLP, which has no linear_fc2 module for R_sp, L_o and the metrics to "
+                   "capture the SwiGLU intermediate from; use transformer_impl: transformer_engine "
+                   "(TEGroupedMLP), or set moe_grouped_gemm: auto (false with local)")
     if m.moe_shared_expert_gate and m.moe_shared_expert_intermediate_size is None:
         raise _err("model.moe_shared_expert_gate", "there is no shared expert "
                    "(model.moe_shared_expert_intermediate_size is null); set this to false")
@@ -975,7 +992,7 @@ def _check_recompute(cfg: RunConfig) -> None:
         if mod not in RECOMPUTE_MODULES:
             raise _err("training.recompute_modules", f"{mod!r} is not one of {', '.join(RECOMPUTE_MODULES)}"
                        f"{_suggest(mod, RECOMPUTE_MODULES)}")
-    if "moe_act" in mods and not m.moe_grouped_gemm:
+    if "moe_act" in mods and m.moe_grouped_gemm is False:
         raise _err("training.recompute_modules", "moe_act recompute needs model.moe_grouped_gemm: true; "
                    "use moe instead, or enable grouped GEMM (GPU)")
     if "mla_up_proj" in mods:
@@ -1106,6 +1123,41 @@ def _resolve_cpu(cfg: RunConfig, cpu: Optional[bool]) -> bool:
     return not torch.cuda.is_available()
 
 
+def transformer_engine_importable() -> bool:
+    """Transformer Engine's PyTorch extension imports here (False on a broken CUDA install too)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _module_importable(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_backend(cfg: RunConfig, cpu: Optional[bool] = None) -> Tuple[str, bool]:
+    """``(transformer_impl, moe_grouped_gemm)`` with ``auto`` resolved for this machine.
+
+    ``transformer_impl: auto`` is transformer_engine on a CUDA run (``cpu`` False; None = from
+    ``training.device``) when Transformer Engine imports, else local. ``moe_grouped_gemm: auto`` is
+    true exactly when the implementation is transformer_engine (TEGroupedMLP)."""
+    m = cfg.model
+    impl = m.transformer_impl
+    if impl == "auto":
+        cpu = _resolve_cpu(cfg, cpu)
+        impl = "transformer_engine" if not cpu and transformer_engine_importable() else "local"
+    grouped = m.moe_grouped_gemm
+    if grouped == "auto":
+        grouped = impl == "transformer_engine"
+    return impl, bool(grouped)
+
+
 def megatron_config_kwargs(cfg: RunConfig, cpu: Optional[bool] = None) -> dict:
     """The kwargs of megatron-core's ``TransformerConfig`` for this run.
 
@@ -1120,6 +1172,7 @@ def megatron_config_kwargs(cfg: RunConfig, cpu: Optional[bool] = None) -> dict:
 
     cpu = _resolve_cpu(cfg, cpu)
     m, p, t = cfg.model, cfg.parallel, cfg.training
+    impl, grouped_gemm = resolve_backend(cfg, cpu)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
     kw: Dict[str, Any] = dict(
         num_layers=m.num_layers,
@@ -1138,7 +1191,7 @@ def megatron_config_kwargs(cfg: RunConfig, cpu: Optional[bool] = None) -> dict:
         activation_func=F.silu if m.swiglu else F.gelu,
         qk_layernorm=m.qk_layernorm,
         init_method_std=m.init_method_std,
-        transformer_impl=m.transformer_impl,
+        transformer_impl=impl,
         # parallel
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
@@ -1184,7 +1237,7 @@ def megatron_config_kwargs(cfg: RunConfig, cpu: Optional[bool] = None) -> dict:
             moe_expert_capacity_factor=m.moe_expert_capacity_factor,
             moe_pad_expert_input_to_capacity=m.moe_pad_expert_input_to_capacity,
             moe_token_drop_policy=m.moe_token_drop_policy,
-            moe_grouped_gemm=m.moe_grouped_gemm,
+            moe_grouped_gemm=grouped_gemm,
         )
     if cpu:
         kw.update(
@@ -1201,14 +1254,19 @@ def megatron_config_kwargs(cfg: RunConfig, cpu: Optional[bool] = None) -> dict:
         # bias_activation_fusion: megatron-core accepts it for SwiGLU, and for GeLU only with biases.
         # gradient_accumulation_fusion and apply_rope_fusion need Transformer Engine kernels (or apex
         # for the former): on with transformer_impl: transformer_engine only.
-        te = m.transformer_impl == "transformer_engine"
+        # masked_softmax_fusion (local attention) imports apex's scaled_masked_softmax_cuda kernels,
+        # and persist_layer_norm needs apex's FusedLayerNorm (megatron's torch fallback norm asserts
+        # it is off): on only where those import, so that the local spec runs on a plain CUDA torch.
+        te = impl == "transformer_engine"
+        softmax_kernels = all(_module_importable(n) for n in (
+            "scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
         kw.update(
             use_cpu_initialization=False,
             gradient_accumulation_fusion=te,
             bias_activation_fusion=m.swiglu or m.add_bias_linear,
-            masked_softmax_fusion=True,
+            masked_softmax_fusion=te or softmax_kernels,
             bias_dropout_fusion=True,
-            persist_layer_norm=True,
+            persist_layer_norm=te or _module_importable("apex"),
             apply_rope_fusion=te and m.position_embedding_type == "rope",
             moe_permute_fusion=m.moe_permute_fusion if m.is_moe else False,
         )
@@ -1374,7 +1432,7 @@ def config_warnings(cfg: RunConfig) -> List[str]:
                        f"use; the driver decides whether to run it")
         if m.transformer_impl == "transformer_engine":
             out.append("model.transformer_impl: transformer_engine needs a GPU; use local on CPU")
-        if m.moe_grouped_gemm:
+        if m.moe_grouped_gemm is True:
             out.append("model.moe_grouped_gemm needs a GPU (TE or grouped_gemm); it does not run on CPU")
         if p.cp > 1:
             out.append("parallel.cp > 1 does not run on CPU (local attention supports cp == 1 only)")

@@ -1,6 +1,7 @@
 """Run configuration: loading (include / merge / --set), validation messages, the shipped configs,
 megatron-core kwargs, the parameter count and the ``validate`` command."""
 import glob
+import importlib.util
 import os
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from megatron_moe_spec.run_config import (
     lr_scheduler_kwargs,
     megatron_config_kwargs,
     optimizer_config_kwargs,
+    transformer_engine_importable,
     validate_for_world_size,
 )
 from megatron_moe_spec.specialization_config import SpecializationConfig
@@ -171,8 +173,13 @@ def test_transformer_config_constructs_cpu_and_gpu(path):
     assert tc.bf16 == (cfg.training.precision == "bf16")
 
     gpu = megatron_config_kwargs(cfg, cpu=False)
-    te = cfg.model.transformer_impl == "transformer_engine"
-    assert gpu["gradient_accumulation_fusion"] == te and gpu["masked_softmax_fusion"]
+    te = gpu["transformer_impl"] == "transformer_engine"  # model.transformer_impl, auto resolved
+    assert te == (cfg.model.transformer_impl == "transformer_engine" or (
+        cfg.model.transformer_impl == "auto" and transformer_engine_importable()))
+    assert gpu["gradient_accumulation_fusion"] == te
+    # masked-softmax fusion (local attention) and persistent layer norm need apex kernels
+    assert gpu["masked_softmax_fusion"] == (te or importlib.util.find_spec("scaled_masked_softmax_cuda") is not None)
+    assert gpu["persist_layer_norm"] == (te or importlib.util.find_spec("apex") is not None)
     assert gpu["apply_rope_fusion"] == te
     assert gpu["bias_activation_fusion"] and not gpu["use_cpu_initialization"]
     assert gpu["moe_permute_fusion"] == cfg.model.moe_permute_fusion
@@ -183,7 +190,7 @@ def test_transformer_config_constructs_cpu_and_gpu(path):
     # the shape options are the same in both modes
     fusion_keys = {"use_cpu_initialization", "gradient_accumulation_fusion", "bias_activation_fusion",
                    "masked_softmax_fusion", "bias_dropout_fusion", "persist_layer_norm",
-                   "apply_rope_fusion", "moe_permute_fusion"}
+                   "apply_rope_fusion", "moe_permute_fusion", "transformer_impl", "moe_grouped_gemm"}
     assert {k: v for k, v in kw.items() if k not in fusion_keys} == {
         k: v for k, v in gpu.items() if k not in fusion_keys}
     OptimizerConfig(**optimizer_config_kwargs(cfg))
@@ -499,6 +506,10 @@ ERROR_CASES = {
                                    ["moe_grouped_gemm"]),
     "recompute keys without recompute": (["training.recompute_method=uniform"], "training.recompute_method",
                                          ["recompute_granularity is none"]),
+    "grouped gemm on the local spec": (["model.transformer_impl=local", "model.moe_grouped_gemm=true"],
+                                       "model.moe_grouped_gemm", ["legacy GroupedMLP", "moe_grouped_gemm: auto"]),
+    "grouped gemm choice": (["model.moe_grouped_gemm=1"], "model.moe_grouped_gemm",
+                            ["must be one of false, true, auto"]),
     "data split": (["data.split=90,10"], "data.split", ["three non-negative"]),
     "mock with paths": (["data.paths=[x]"], "data.paths", ["data.type is mock"]),
     "indexed without paths": (["data.type=indexed"], "data.paths", ["at least one dataset prefix"]),

@@ -45,7 +45,8 @@ def preflight(configs, overrides):
                           f"for a CPU run", key="training.precision")
     if on_cpu and cfg.model.transformer_impl == "transformer_engine":
         raise ConfigError("model.transformer_impl: transformer_engine needs a GPU; set model.transformer_impl: "
-                          "local for a CPU run", key="model.transformer_impl")
+                          "local (or auto) for a CPU run", key="model.transformer_impl")
+    check_backend(cfg, on_cpu)
     if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"logging.wandb_project: {cfg.logging.wandb_project!r} is set but the wandb package "
                           f"is not installed; pip install wandb, or set logging.wandb_project: null",
@@ -55,6 +56,28 @@ def preflight(configs, overrides):
                           "install tensorboard (or megatron-moe-spec[report]), or set logging.tensorboard: "
                           "false", key="logging.tensorboard")
     return cfg, sizes
+
+
+def check_backend(cfg, on_cpu: bool) -> None:
+    """The layer implementation this machine can build (``auto`` resolved), or a ConfigError."""
+    from megatron_moe_spec.run_config import ConfigError, resolve_backend, transformer_engine_importable
+
+    m = cfg.model
+    if not on_cpu and m.transformer_impl == "transformer_engine" and not transformer_engine_importable():
+        raise ConfigError("model.transformer_impl: transformer_engine, but transformer_engine.pytorch does not "
+                          "import here; pip install transformer-engine[pytorch] (megatron-moe-spec[gpu]), or set "
+                          "model.transformer_impl: auto (local without Transformer Engine)",
+                          key="model.transformer_impl")
+    impl, grouped_gemm = resolve_backend(cfg, cpu=on_cpu)
+    if on_cpu and grouped_gemm:
+        raise ConfigError("model.moe_grouped_gemm: true needs a GPU with Transformer Engine (TEGroupedMLP); set "
+                          "model.moe_grouped_gemm: false (or auto) for a CPU run", key="model.moe_grouped_gemm")
+    s = cfg.specialization
+    if impl == "local" and grouped_gemm and (s.sp_coeff > 0 or s.ortho_coeff > 0 or s.metrics):
+        raise ConfigError("model.moe_grouped_gemm: true, and model.transformer_impl resolves to local here "
+                          "(Transformer Engine does not import): megatron's legacy GroupedMLP has no linear_fc2 "
+                          "module for R_sp, L_o and the metrics to capture; install Transformer Engine, or set "
+                          "model.moe_grouped_gemm: auto", key="model.moe_grouped_gemm")
 
 
 def min_world_size(cfg) -> int:

@@ -63,6 +63,9 @@ def train(cfg) -> Optional[Dict[str, float]]:
     # ------------------------------------------------------------------ data, model, optimizer
     data = build_data(cfg, sizes)
     config = build_transformer_config(cfg, cuda)
+    if writer:
+        print(f"layers: {config.transformer_impl} spec, {'grouped GEMM' if config.moe_grouped_gemm else 'sequential'} "
+              f"experts, {cfg.training.precision} on {'CUDA (nccl)' if cuda else 'CPU (gloo)'}", flush=True)
     model = build_model(cfg, config, cuda)
     optimizer, scheduler = build_optimizer(cfg, model)
     config.finalize_model_grads_func = finalize_model_grads

@@ -38,7 +38,7 @@ def build_model(cfg, config, cuda: bool) -> List[torch.nn.Module]:
     from megatron_moe_spec.run_config import gpt_model_kwargs
 
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
-    use_te = cfg.model.transformer_impl == "transformer_engine"
+    use_te = config.transformer_impl == "transformer_engine"  # model.transformer_impl, auto resolved
     chunks = []
     for vp_stage in range(vpp):
         stage = vp_stage if vpp > 1 else None
