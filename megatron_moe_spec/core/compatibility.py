@@ -30,12 +30,9 @@ EXACT = "exact"
 REFUSED = "refused"
 NO_INTERACTION = "no interaction"
 
-LEAD_TEST = "tests/test_core_parity.py (lead)"
-"""Placeholder for a test the lead is writing with the core fixes (R_cp recompute FIFO, sp_max_tokens
-by global position, routed_experts_compute by super() + hooks)."""
-
-GPU_TEST = "tests/test_gpu.py (GPU helper; runs only with CUDA and Transformer Engine)"
-"""Placeholder for the GPU tests of issue 11 item 7."""
+GPU_TEST = ("tests/test_gpu.py::test_captured_z_equals_independent_swiglu[TEGroupedMLP-cuda] (runs only with "
+            "CUDA and Transformer Engine; not yet run on a GPU, docs/gpu.md)")
+"""The GPU test of the TEGroupedMLP capture."""
 
 FIELD_FILTER = re.compile(
     r"moe|expert|router|recompute|fp8|fp4|quant|context_parallel|cp_comm|mtp|overlap|cuda_graph|"
@@ -105,7 +102,7 @@ OPTIONS: Dict[str, Option] = {
         NO_INTERACTION, "how the shared expert is computed; shared experts are not captured", versions="0.19"),
     "use_grouped_gemm_for_dense_mlp": Option(
         NO_INTERACTION, "dense (non-MoE) MLP layers only", versions="0.19"),
-    "moe_grouped_gemm": Option(  # GPU_TEST: the GPU helper's test name, to be filled in
+    "moe_grouped_gemm": Option(
         EXACT, f"GPU only (TEGroupedMLP): {GPU_TEST}; legacy GroupedMLP refused "
         "(moe_use_legacy_grouped_gemm)"),
     "moe_use_legacy_grouped_gemm": Option(
@@ -432,10 +429,6 @@ OPTIONS: Dict[str, Option] = {
     "tensor_model_parallel_size": Option(
         EXACT, "tests/test_core_parity.py::test_losses_match_one_process[tp2_sp, tp2_ep2]"),
 }
-
-LEAD_ROWS = ()
-"""Rows whose test name the lead fills in (placeholder text LEAD_TEST); none left."""
-
 
 def refusal(option: str) -> ValueError:
     """The ``ValueError`` for a refused ``option``: its one-line message from :data:`OPTIONS`."""
