@@ -4,6 +4,11 @@ A tiny GPT-MoE with all four losses on (and the metrics) takes one training step
 schedule, DDP and grad finalization. Under each layout, the LM loss, the full (gathered) gradients of
 every parameter, the per-layer values of every loss in megatron's tracker (after megatron's own
 cross-rank reduction) and the reduced routing metrics equal the one-process run's (rtol 1e-5).
+
+The same spawned run then repeats the step with the LM loss weighted 0: those gradients are the
+auxiliary losses' alone (the four losses + megatron's load-balancing loss), compared with the
+one-process run's with a tolerance relative to *their* size (rtol 1e-5 of each tensor's largest
+entry), so an error in a loss's gradient cannot hide under the LM's share of the full gradient.
 The one-process run is itself checked against an independent computation in test_core_independent.
 """
 import functools
@@ -12,7 +17,7 @@ import pytest
 
 from megatron_moe_spec.core.layer_specs import get_moe_block_spec
 from megatron_moe_spec.specialization_config import SpecializationConfig
-from megatron_moe_spec.testing.compare import assert_same_step
+from megatron_moe_spec.testing.compare import assert_same_step, tensor_mismatches
 from megatron_moe_spec.testing.distributed import ParallelSizes, run_distributed
 from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, train_step_result
 
@@ -41,7 +46,8 @@ def reference(settings, spec_config, dp):
     key = (repr(single), repr(spec_config))
     if key not in _REFERENCES:
         _REFERENCES[key] = run_distributed(train_step_result, 1, ParallelSizes(),
-                                           args=(single, spec_fn(spec_config)))[0]
+                                           args=(single, spec_fn(spec_config)),
+                                           kwargs={"aux_only_grads": True})[0]
     return _REFERENCES[key]
 
 
@@ -126,13 +132,17 @@ LAYOUTS = [
 def test_losses_match_one_process(name, settings, spec, world, parallel, dp):
     ref = reference(settings, spec, dp)
     results = run_distributed(train_step_result, world, parallel, args=(settings, spec_fn(spec)),
-                              kwargs={"initial_params": ref["params"]})
+                              kwargs={"initial_params": ref["params"], "aux_only_grads": True})
     for name_, coeff in (("specialization_loss", spec.sp_coeff), ("coupling_loss", spec.cp_coeff),
                          ("orthogonality_loss", spec.ortho_coeff), ("variance_loss", spec.var_coeff)):
         if coeff:
             assert any(v != 0 for v in ref["tracker"][name_]), f"{name_} was not logged"
+    # The losses-only gradient really is the losses' (no LM share): the output layer gets none.
+    assert not any(float(g.abs().max()) != 0.0 for k, g in ref["aux_grads"].items() if "output_layer" in k)
     for rank, result in enumerate(results):
         assert_same_step(ref, result, rtol=1e-5)
+        problems = tensor_mismatches(ref["aux_grads"], result["aux_grads"], rtol=1e-5)
+        assert not problems, f"rank {rank}: losses-only gradients differ from one process:\n  " + "\n  ".join(problems)
         assert_close_values(ref["tracker"], result["tracker"], f"rank {rank} tracker")
         assert_close_metrics(ref["metrics"], result["metrics"],
                              missing_pairs=cross_stage_pairs(settings, parallel))
