@@ -326,7 +326,7 @@ def _replica_is_main(replica_id) -> bool:
 # ----------------------------------------------------------------------------- the parity unit
 def train_step_result(settings: TinyGPTSettings, layer_spec_fn: Callable = default_layer_spec,
                       initial_params: Optional[Dict[str, torch.Tensor]] = None,
-                      aux_only_grads: bool = False) -> Dict[str, Any]:
+                      alone: Optional[Dict[str, Callable]] = None) -> Dict[str, Any]:
     """Build the model in the current parallel state, run one step, return what parity compares.
 
     ``initial_params`` (full tensors, e.g. a one-process run's ``"params"``) are loaded into the shards
@@ -336,9 +336,10 @@ def train_step_result(settings: TinyGPTSettings, layer_spec_fn: Callable = defau
     Returns ``{"lm_loss": float (token-weighted mean over all micro-batches of all DP ranks),
     "grads": {key: full tensor}, "params": {key: full tensor}}``; identical on every rank.
 
-    ``aux_only_grads``: then run the same step again with the LM loss weighted 0 and add its
-    gradients as ``"aux_grads"``: the auxiliary losses' gradient alone (the specialization losses and
-    megatron's own aux losses), which a comparison of the full gradient can hide under the LM's share.
+    ``alone``: ``{name: layer_spec_fn}``, typically one loss on in each; for each, the same step with
+    only that spec's losses (:func:`losses_only_grads`) adds ``"alone_grads": {name: {key: full
+    tensor}}``: a loss's own gradient, which a comparison of the full gradient can hide under the
+    LM's (or a larger loss's) share.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -367,14 +368,28 @@ def train_step_result(settings: TinyGPTSettings, layer_spec_fn: Callable = defau
         "tracker": tracker_values(settings.num_microbatches, config.num_layers),
         "metrics": _report_metrics(),
     }
-    if aux_only_grads:
-        # No optimizer step ran: same weights, same data; run_step zeroes the grad buffers first.
-        run_step(chunks, config, local_microbatches(settings), settings,
-                 forward_step=functools.partial(lm_forward_step, lm_weight=0.0))
-        result["aux_grads"] = gather_full_tensors(chunks, "grad")
-        tracker_values(settings.num_microbatches, config.num_layers)  # a collective: clears the tracker
-        _report_metrics()  # and resets the metrics this step collected
+    if alone:
+        full_params = gather_full_tensors(chunks, "param")
+        result["alone_grads"] = {name: losses_only_grads(settings, fn, full_params) for name, fn in alone.items()}
     return result
+
+
+def losses_only_grads(settings: TinyGPTSettings, layer_spec_fn: Callable,
+                      params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The gradient of the spec's losses alone: a model built with ``layer_spec_fn`` and loaded with
+    ``params`` (full tensors) takes one step with the LM loss weighted 0 and megatron's load-balancing
+    and z losses off. Returns the full (gathered) gradients; leaves megatron's tracker cleared."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    quiet = settings.replace(moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none", moe_z_loss_coeff=None)
+    config = build_transformer_config(quiet)
+    chunks = build_model(config, quiet, layer_spec_fn)
+    load_full_tensors(chunks, params)
+    run_step(chunks, config, local_microbatches(quiet), quiet,
+             forward_step=functools.partial(lm_forward_step, lm_weight=0.0))
+    grads = gather_full_tensors(chunks, "grad")
+    clear_aux_losses_tracker()
+    return grads
 
 
 def _register_metrics(config, layer_spec_fn) -> None:
