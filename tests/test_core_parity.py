@@ -4,6 +4,13 @@ A tiny GPT-MoE with all four losses on (and the metrics) takes one training step
 schedule, DDP and grad finalization. Under each layout, the LM loss, the full (gathered) gradients of
 every parameter, the per-layer values of every loss in megatron's tracker (after megatron's own
 cross-rank reduction) and the reduced routing metrics equal the one-process run's (rtol 1e-5).
+
+The same spawned run then takes the step once per loss with only that loss on, the LM loss weighted
+0 and megatron's load balancing off (tiny_gpt.losses_only_grads): each loss's own gradient is
+compared with the one-process run's with a tolerance relative to *its* size (rtol 1e-5 of each
+tensor's largest entry + 1e-7 of the loss's largest gradient), so an error in one loss's gradient
+cannot hide under the LM's share of the full gradient, nor under a larger loss's (L_o's gradient is
+~1e-5 of R_sp's at these coefficients).
 The one-process run is itself checked against an independent computation in test_core_independent.
 """
 import functools
@@ -12,7 +19,7 @@ import pytest
 
 from megatron_moe_spec.core.layer_specs import get_moe_block_spec
 from megatron_moe_spec.specialization_config import SpecializationConfig
-from megatron_moe_spec.testing.compare import assert_same_step
+from megatron_moe_spec.testing.compare import assert_same_step, tensor_mismatches
 from megatron_moe_spec.testing.distributed import ParallelSizes, run_distributed
 from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, train_step_result
 
@@ -32,6 +39,15 @@ def spec_fn(spec_config):
     return functools.partial(get_moe_block_spec, spec_config=spec_config)
 
 
+COEFFS = ("sp_coeff", "cp_coeff", "ortho_coeff", "var_coeff")
+
+
+def each_loss_alone(spec_config):
+    """One layer spec per loss of ``spec_config``, with only that loss on (same coefficient)."""
+    return {name: spec_fn(SpecializationConfig(**{name: getattr(spec_config, name)}))
+            for name in COEFFS if getattr(spec_config, name)}
+
+
 def reference(settings, spec_config, dp):
     """One process, the micro-batches of all ``dp`` ranks, and never recomputation (recompute must
     not change the math: comparing with a recomputed reference could hide a shared mistake)."""
@@ -41,7 +57,8 @@ def reference(settings, spec_config, dp):
     key = (repr(single), repr(spec_config))
     if key not in _REFERENCES:
         _REFERENCES[key] = run_distributed(train_step_result, 1, ParallelSizes(),
-                                           args=(single, spec_fn(spec_config)))[0]
+                                           args=(single, spec_fn(spec_config)),
+                                           kwargs={"alone": each_loss_alone(spec_config)})[0]
     return _REFERENCES[key]
 
 
@@ -126,13 +143,25 @@ LAYOUTS = [
 def test_losses_match_one_process(name, settings, spec, world, parallel, dp):
     ref = reference(settings, spec, dp)
     results = run_distributed(train_step_result, world, parallel, args=(settings, spec_fn(spec)),
-                              kwargs={"initial_params": ref["params"]})
+                              kwargs={"initial_params": ref["params"], "alone": each_loss_alone(spec)})
     for name_, coeff in (("specialization_loss", spec.sp_coeff), ("coupling_loss", spec.cp_coeff),
                          ("orthogonality_loss", spec.ortho_coeff), ("variance_loss", spec.var_coeff)):
         if coeff:
             assert any(v != 0 for v in ref["tracker"][name_]), f"{name_} was not logged"
+    # Each loss alone has a gradient, and only its own (no LM share: the output layer gets none).
+    assert set(ref["alone_grads"]) == set(each_loss_alone(spec))
+    for loss, grads in ref["alone_grads"].items():
+        assert any(float(g.abs().max()) > 0 for g in grads.values()), f"{loss} alone has no gradient"
+        assert all(float(g.abs().max()) == 0 for k, g in grads.items() if k.startswith("output_layer")), loss
     for rank, result in enumerate(results):
         assert_same_step(ref, result, rtol=1e-5)
+        for loss, grads in ref["alone_grads"].items():
+            # + 1e-7 of the loss's largest gradient: round-off on a tensor the loss does not reach
+            # (R_sp's on the last router is ~1e-9 of its largest, and differs across layouts)
+            largest = max(float(g.abs().max()) for g in grads.values())
+            problems = tensor_mismatches(grads, result["alone_grads"][loss], rtol=1e-5, atol=1e-7 * largest)
+            assert not problems, (f"rank {rank}: the gradient of {loss} alone differs from one process:\n  "
+                                  + "\n  ".join(problems))
         assert_close_values(ref["tracker"], result["tracker"], f"rank {rank} tracker")
         assert_close_metrics(ref["metrics"], result["metrics"],
                              missing_pairs=cross_stage_pairs(settings, parallel))

@@ -172,9 +172,11 @@ def test_activation_similarity_matches_brute_force():
     ref = np.where(C > 0, S / np.maximum(C, 1), 0.0)
     np.testing.assert_allclose(mat, ref, rtol=1e-5, atol=1e-7)
     assert (mat[C == 0] == 0).all() and np.isfinite(mat).all()
-    # bf16 input, fp32 accumulation
-    assert activation_similarity(z.bfloat16(), valid) == pytest.approx(
-        activation_similarity(z.bfloat16().float(), valid), abs=1e-6)
+    # bf16 input, fp32 accumulation: the brute force (float64) on the values the bf16 tensor holds
+    z16 = z.bfloat16()
+    vals16 = [bf_abs_cos(z16[t, i].double(), z16[t, j].double())
+              for t in range(T) if valid[t] for i, j in itertools.combinations(range(k), 2)]
+    assert activation_similarity(z16, valid) == pytest.approx(np.mean(vals16), rel=1e-5)
 
 
 def test_activation_similarity_hand_and_k1():

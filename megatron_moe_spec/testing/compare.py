@@ -7,8 +7,9 @@ import torch
 
 
 def tensor_mismatches(reference: Dict[str, torch.Tensor], actual: Dict[str, torch.Tensor],
-                      rtol: float = 1e-5) -> List[str]:
-    """Keys whose tensors differ by more than ``rtol`` relative to the reference's largest entry.
+                      rtol: float = 1e-5, atol: float = 1e-12) -> List[str]:
+    """Keys whose tensors differ by more than ``rtol`` relative to the reference's largest entry
+    (plus ``atol``).
 
     The tolerance is relative to each tensor's max-abs value (not element-wise), so entries that are
     near zero only by cancellation do not produce spurious failures, while any real error (a wrong
@@ -28,7 +29,7 @@ def tensor_mismatches(reference: Dict[str, torch.Tensor], actual: Dict[str, torc
             continue
         scale = float(ref.abs().max()) if ref.numel() else 0.0
         err = float((ref - got).abs().max()) if ref.numel() else 0.0
-        if err > rtol * scale + 1e-12:
+        if err > rtol * scale + atol:
             problems.append(f"{key}: max|diff| {err:.3e} > {rtol:g} * max|ref| {scale:.3e}")
     return problems
 

@@ -10,6 +10,7 @@ use, so TP, EP, ETP, PP and the SwiGLU shard interleave are all undone by megatr
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -184,8 +185,12 @@ def local_microbatches(settings: TinyGPTSettings) -> List[Dict[str, torch.Tensor
 
 
 # ----------------------------------------------------------------------------- one step
-def lm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
-    """megatron's forward-step contract: returns (output, loss_func)."""
+def lm_forward_step(data_iterator: Iterator, model: torch.nn.Module, lm_weight: float = 1.0):
+    """megatron's forward-step contract: returns (output, loss_func).
+
+    ``lm_weight`` multiplies the LM loss handed to the schedule: 0 leaves only the auxiliary losses
+    (which megatron's aux-loss autoscaler injects with the schedule's own scale, whatever the LM
+    loss) in the gradient, with the token count and the reported LM loss unchanged."""
     batch = next(data_iterator)
     output = model(
         input_ids=batch["tokens"],
@@ -202,7 +207,7 @@ def lm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
         mask = loss_mask.view(-1).float()
         loss_sum = torch.sum(losses * mask)
         num_tokens = mask.sum().to(torch.int)
-        return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+        return loss_sum * lm_weight, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
     return output, loss_func
 
@@ -320,7 +325,8 @@ def _replica_is_main(replica_id) -> bool:
 
 # ----------------------------------------------------------------------------- the parity unit
 def train_step_result(settings: TinyGPTSettings, layer_spec_fn: Callable = default_layer_spec,
-                      initial_params: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
+                      initial_params: Optional[Dict[str, torch.Tensor]] = None,
+                      alone: Optional[Dict[str, Callable]] = None) -> Dict[str, Any]:
     """Build the model in the current parallel state, run one step, return what parity compares.
 
     ``initial_params`` (full tensors, e.g. a one-process run's ``"params"``) are loaded into the shards
@@ -329,6 +335,11 @@ def train_step_result(settings: TinyGPTSettings, layer_spec_fn: Callable = defau
 
     Returns ``{"lm_loss": float (token-weighted mean over all micro-batches of all DP ranks),
     "grads": {key: full tensor}, "params": {key: full tensor}}``; identical on every rank.
+
+    ``alone``: ``{name: layer_spec_fn}``, typically one loss on in each; for each, the same step with
+    only that spec's losses (:func:`losses_only_grads`) adds ``"alone_grads": {name: {key: full
+    tensor}}``: a loss's own gradient, which a comparison of the full gradient can hide under the
+    LM's (or a larger loss's) share.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -350,13 +361,35 @@ def train_step_result(settings: TinyGPTSettings, layer_spec_fn: Callable = defau
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)
         # Each DP replica of the last stage counted its own tokens once: totals are global sums.
-    return {
+    result = {
         "lm_loss": float(totals[0] / totals[1]),
         "grads": gather_full_tensors(chunks, "grad"),
         "params": params,
         "tracker": tracker_values(settings.num_microbatches, config.num_layers),
         "metrics": _report_metrics(),
     }
+    if alone:
+        full_params = gather_full_tensors(chunks, "param")
+        result["alone_grads"] = {name: losses_only_grads(settings, fn, full_params) for name, fn in alone.items()}
+    return result
+
+
+def losses_only_grads(settings: TinyGPTSettings, layer_spec_fn: Callable,
+                      params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The gradient of the spec's losses alone: a model built with ``layer_spec_fn`` and loaded with
+    ``params`` (full tensors) takes one step with the LM loss weighted 0 and megatron's load-balancing
+    and z losses off. Returns the full (gathered) gradients; leaves megatron's tracker cleared."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    quiet = settings.replace(moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none", moe_z_loss_coeff=None)
+    config = build_transformer_config(quiet)
+    chunks = build_model(config, quiet, layer_spec_fn)
+    load_full_tensors(chunks, params)
+    run_step(chunks, config, local_microbatches(quiet), quiet,
+             forward_step=functools.partial(lm_forward_step, lm_weight=0.0))
+    grads = gather_full_tensors(chunks, "grad")
+    clear_aux_losses_tracker()
+    return grads
 
 
 def _register_metrics(config, layer_spec_fn) -> None:
