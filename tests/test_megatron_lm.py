@@ -355,11 +355,109 @@ def test_one_training_step_through_the_hooks(run_args):
     cp = tracker["coupling_loss"]["values"]
     assert bool((sp != 0).all())
     assert bool((cp[:3] != 0).all()) and cp[3] == 0  # R_cp is indexed by the earlier layer of a pair
+    pairs = cp[:3].tolist()  # the three pairs (1,2), (2,3), (3,4), before the hook
+    sp_layers = sp.tolist()
+
+    # What the patched training_log does next: our hook, then megatron's own report.
+    args.num_layers, args.moe_layer_freq, args.mtp_num_layers = 4, 1, None
+    megatron_lm.report_coupling_as_pair_mean(args)
+    reported = megatron_report(names, num_layers=4, moe_layer_freq=1, loss_scale=0.5)
+    assert reported["coupling_loss"] == pytest.approx(0.5 * sum(pairs) / 3, rel=1e-6)  # not / 4
+    assert reported["specialization_loss"] == pytest.approx(0.5 * sum(sp_layers) / 4, rel=1e-6)  # untouched
     writer = FakeWriter()
     scalars = megatron_lm.log_specialization_metrics(1, writer, None)
     assert {"moe/routing_entropy", "moe/load_cv", "moe/activation_similarity"} <= set(scalars)
     assert {tag for tag, _, _ in writer.scalars} == set(scalars)
     assert all(step == 1 for _, _, step in writer.scalars)
+
+
+def megatron_report(names, num_layers, moe_layer_freq, loss_scale=1.0, mtp_num_layers=None):
+    """megatron-core's MoE tracker report (reduce, mean over MoE layers, clear) -> total_loss_dict."""
+    total = {}
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:  # megatron-core < 0.18
+        from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+        track_moe_metrics(loss_scale=loss_scale, iteration=1, total_loss_dict=total, force_initialize=True,
+                          track_names=names, num_layers=num_layers, moe_layer_freq=moe_layer_freq,
+                          mtp_num_layers=mtp_num_layers)
+    else:
+        get_moe_metrics_tracker().report(loss_scale=loss_scale, iteration=1, total_loss_dict=total,
+                                         force_initialize=True, track_names=names, num_layers=num_layers,
+                                         moe_layer_freq=moe_layer_freq, mtp_num_layers=mtp_num_layers)
+    return {k: float(v) for k, v in total.items()}
+
+
+# ------------------------------------------------------------------- R_cp: the mean over pairs
+def slots(pairs, pairless):
+    return megatron_lm.CouplingSlots(tuple(pairs), tuple(pairless))
+
+
+@pytest.mark.parametrize("layout, values, counted, expected", [
+    # 4 MoE layers, one stage: pairs at 0, 1, 2; the last MoE layer (3) has none.
+    (slots([0, 1, 2], [3]), [3.0, 6.0, 9.0, 0.0], 4, [3.0, 6.0, 9.0, 6.0]),
+    # PP=2 splits the pair (2, 3): only (1, 2) and (3, 4) remain, at slots 0 and 2.
+    (slots([0, 2], [1, 3]), [2.0, 0.0, 4.0, 0.0], 4, [2.0, 3.0, 4.0, 3.0]),
+    # Dense first layer (MoE layers 2..4) and one MTP layer, which megatron counts (slot 4).
+    (slots([1, 2], [3, 4]), [0.0, 1.0, 5.0, 0.0, 0.0], 4, [0.0, 1.0, 5.0, 3.0, 3.0]),
+    # No pair at all (every pair split): nothing to average, left as is.
+    (slots([], [0, 1]), [0.0, 0.0], 2, [0.0, 0.0]),
+])
+def test_fill_pairless_slots_makes_megatrons_mean_the_mean_over_pairs(layout, values, counted, expected):
+    values_L = torch.tensor(values)
+    megatron_lm.fill_pairless_slots(values_L, layout, counted)
+    assert values_L.tolist() == pytest.approx(expected)
+    if layout.pair_slots:  # megatron's report: the sum over all slots / the MoE layers it counts
+        pair_mean = sum(values[i] for i in layout.pair_slots) / len(layout.pair_slots)
+        assert float(values_L.sum()) / counted == pytest.approx(pair_mean)
+
+
+def test_fill_is_linear_so_it_commutes_with_megatrons_reduction():
+    # Two pipeline stages hold disjoint pairs; megatron sums the stages' tensors after the hook.
+    layout = slots([0, 1, 2], [3])
+    stage0, stage1 = torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 6.0, 0.0])
+    for t in (stage0, stage1):
+        megatron_lm.fill_pairless_slots(t, layout, 4)
+    assert float((stage0 + stage1).sum()) / 4 == pytest.approx(3.0)
+
+
+def test_coupling_slots_follow_the_pipeline_split(megatron_single_process):
+    import dataclasses
+
+    config = tiny_config()
+    assert megatron_lm.coupling_slots(config) == slots([0, 1, 2], [3])
+    pp2 = dataclasses.replace(config, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    assert megatron_lm.coupling_slots(pp2) == slots([0, 2], [1, 3])  # pair (2, 3) crosses stages
+    mtp = dataclasses.replace(config, moe_layer_freq=[0, 1, 1, 1], mtp_num_layers=1)
+    assert megatron_lm.coupling_slots(mtp) == slots([1, 2], [3, 4])
+
+
+@pytest.mark.parametrize("freq, mtp, repeated, new_report, expected", [
+    (1, None, False, False, 4),
+    ([0, 1, 1, 1], None, False, False, 3),
+    (2, 2, False, False, 4),             # core_v0.16.1 .. core_v0.19.0: + mtp_num_layers, always
+    ([1, 1, 1, 0], 2, False, False, 5),
+    ([1, 1, 1, 0], 2, False, True, 3),   # main: MTP counts only after an MoE last layer
+    ([1, 1, 1, 1], 2, False, True, 6),
+    ([1, 1, 1, 1], 2, True, True, 5),    # main, --mtp-use-repeated-layer: once
+])
+def test_megatron_moe_layer_count_per_version(monkeypatch, freq, mtp, repeated, new_report, expected):
+    monkeypatch.setattr(megatron_lm, "_report_takes_num_moe_layers", lambda: new_report)
+    args = types.SimpleNamespace(num_layers=4, moe_layer_freq=freq, mtp_num_layers=mtp,
+                                 mtp_use_repeated_layer=repeated)
+    assert megatron_lm.megatron_moe_layer_count(args) == expected
+
+
+def test_pair_mean_hook_is_a_no_op_without_r_cp(run_args):
+    from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+    args = run_args("--moe-spec-sp-coeff", "2e-3")
+    args.num_layers, args.moe_layer_freq, args.mtp_num_layers = 4, 1, None
+    megatron_lm._STATE.coupling = slots([0, 1, 2], [3])
+    save_to_aux_losses_tracker("coupling_loss", torch.tensor(1.0), 1, 4)
+    megatron_lm.report_coupling_as_pair_mean(args)
+    assert megatron_lm._tracker_values("coupling_loss").tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 # ------------------------------------------------------------------------- the metrics hook
