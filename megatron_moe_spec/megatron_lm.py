@@ -315,7 +315,7 @@ def _specialize(spec, transformer_config, spec_config: SpecializationConfig):
             f"type {type(spec).__name__}; use the default MoE spec or --spec {SPEC_MODULE} {SPEC_FUNCTION}"
         )
     if spec_config.cp_coeff > 0:
-        _STATE.coupling = coupling_slots(transformer_config)
+        _STATE.coupling = coupling_slots(transformer_config, spec_config.cp_pipeline)
     if spec_config.metrics:
         # Every rank registers every MoE layer of the whole model: report() is one all-reduce of
         # same-shaped statistics. Idempotent (one call per model chunk).
@@ -398,8 +398,9 @@ def track_names(args, names: Optional[List[str]] = None) -> List[str]:
 class CouplingSlots:
     """Where R_cp sits in megatron's per-layer tracker (0-based slots of ``num_layers + mtp`` values).
 
-    ``pair_slots``: the earlier layer of each adjacent MoE pair that has an R_cp term (pairs split
-    across pipeline stages / model chunks have none). ``pairless_slots``: the other slots megatron's
+    ``pair_slots``: the earlier layer of each adjacent MoE pair that has an R_cp term (with
+    ``cp_pipeline: skip``, pairs split across pipeline stages / model chunks have none; with ``exact``
+    the later layer's stage records them there too). ``pairless_slots``: the other slots megatron's
     report counts as MoE layers: the decoder's MoE layers without a pair (always the last one), then
     the MTP layers' slots.
     """
@@ -408,13 +409,15 @@ class CouplingSlots:
     pairless_slots: Tuple[int, ...]
 
 
-def coupling_slots(config) -> CouplingSlots:
-    """``CouplingSlots`` of a ``TransformerConfig`` (the same pairs the adapter computes R_cp for)."""
-    from megatron_moe_spec.core.layer_specs import moe_layer_numbers
-    from megatron_moe_spec.training.tracker import coupling_layers
+def coupling_slots(config, cp_pipeline: str = "skip") -> CouplingSlots:
+    """``CouplingSlots`` of a ``TransformerConfig`` under a ``cp_pipeline`` policy (the pairs the adapter
+    computes R_cp for)."""
+    from megatron_moe_spec.core.layer_specs import cross_stage_pairs, moe_layer_numbers
 
-    moe = [n - 1 for n in moe_layer_numbers(config)]
-    pairs = tuple(coupling_layers(config, moe))
+    numbers = moe_layer_numbers(config)
+    split = {a for a, _ in cross_stage_pairs(config, numbers)} if cp_pipeline == "skip" else set()
+    moe = [n - 1 for n in numbers]
+    pairs = tuple(n - 1 for n in numbers[:-1] if n not in split)
     mtp = config.mtp_num_layers or 0
     pairless = tuple(i for i in moe if i not in pairs) + tuple(range(config.num_layers, config.num_layers + mtp))
     return CouplingSlots(pairs, pairless)

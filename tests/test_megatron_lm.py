@@ -441,7 +441,8 @@ def test_coupling_slots_follow_the_pipeline_split(megatron_single_process):
     config = tiny_config()
     assert megatron_lm.coupling_slots(config) == slots([0, 1, 2], [3])
     pp2 = dataclasses.replace(config, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
-    assert megatron_lm.coupling_slots(pp2) == slots([0, 2], [1, 3])  # pair (2, 3) crosses stages
+    assert megatron_lm.coupling_slots(pp2) == slots([0, 2], [1, 3])  # skip: pair (2, 3) crosses stages
+    assert megatron_lm.coupling_slots(pp2, "exact") == slots([0, 1, 2], [3])  # exact: computed across
     mtp = dataclasses.replace(config, moe_layer_freq=[0, 1, 1, 1], mtp_num_layers=1)
     assert megatron_lm.coupling_slots(mtp) == slots([1, 2], [3, 4])
 
