@@ -22,6 +22,9 @@ The hooks, in the order a patched ``pretrain_gpt.py`` run meets them:
     (for ``metrics_interval``).
 ``track_names(args, names)``
     megatron's tracker names plus the enabled specialization losses, for ``training_log``.
+``report_coupling_as_pair_mean(args)``
+    in ``training_log`` before megatron's tracker report: makes the reported ``coupling_loss`` the
+    mean over the adjacent MoE layer pairs that exist (megatron divides by the number of MoE layers).
 ``log_specialization_metrics(iteration, writer, wandb_writer)``
     the routing metrics hook in ``training_log`` (a collective: every rank calls it).
 """
@@ -32,8 +35,8 @@ import os
 import re
 import types
 import weakref
-from dataclasses import fields
-from typing import Callable, List, Optional
+from dataclasses import dataclass, fields
+from typing import Callable, List, Optional, Tuple
 
 from megatron_moe_spec.specialization_config import (
     CP_FORMS,
@@ -184,6 +187,7 @@ class _State:
         self.args_id: Optional[int] = None  # the args object spec_config was read from
         self.spec_config: Optional[SpecializationConfig] = None
         self.layers: List[weakref.ref] = []
+        self.coupling: Optional[CouplingSlots] = None  # R_cp's tracker layout, set when the spec is built
 
 
 _STATE = _State()
@@ -215,6 +219,7 @@ def reset_state() -> None:
     _STATE.args_id = None
     _STATE.spec_config = None
     _STATE.layers = []
+    _STATE.coupling = None
 
 
 # ------------------------------------------------------------------------------ the layer spec
@@ -310,6 +315,8 @@ def _specialize(spec, transformer_config, spec_config: SpecializationConfig):
             f"megatron-moe-spec: cannot substitute the specialization modules into a layer spec of "
             f"type {type(spec).__name__}; use the default MoE spec or --spec {SPEC_MODULE} {SPEC_FUNCTION}"
         )
+    if spec_config.cp_coeff > 0:
+        _STATE.coupling = coupling_slots(transformer_config, spec_config.cp_pipeline)
     if spec_config.metrics:
         # Every rank registers every MoE layer of the whole model: report() is one all-reduce of
         # same-shaped statistics. Idempotent (one call per model chunk).
@@ -385,6 +392,127 @@ def track_names(args, names: Optional[List[str]] = None) -> List[str]:
         if coeff > 0 and name not in out:
             out.append(name)
     return out
+
+
+# ------------------------------------------------------------------ R_cp: the mean over pairs
+@dataclass(frozen=True)
+class CouplingSlots:
+    """Where R_cp sits in megatron's per-layer tracker (0-based slots of ``num_layers + mtp`` values).
+
+    ``pair_slots``: the earlier layer of each adjacent MoE pair that has an R_cp term (with
+    ``cp_pipeline: skip``, pairs split across pipeline stages / model chunks have none; with ``exact``
+    the later layer's stage records them there too). ``pairless_slots``: the other slots megatron's
+    report counts as MoE layers: the decoder's MoE layers without a pair (always the last one), then
+    the MTP layers' slots.
+    """
+
+    pair_slots: Tuple[int, ...]
+    pairless_slots: Tuple[int, ...]
+
+
+def coupling_slots(config, cp_pipeline: str = "skip") -> CouplingSlots:
+    """``CouplingSlots`` of a ``TransformerConfig`` under a ``cp_pipeline`` policy (the pairs the adapter
+    computes R_cp for)."""
+    from megatron_moe_spec.core.layer_specs import cross_stage_pairs, moe_layer_numbers
+
+    numbers = moe_layer_numbers(config)
+    split = {a for a, _ in cross_stage_pairs(config, numbers)} if cp_pipeline == "skip" else set()
+    moe = [n - 1 for n in numbers]
+    pairs = tuple(n - 1 for n in numbers[:-1] if n not in split)
+    mtp = config.mtp_num_layers or 0
+    pairless = tuple(i for i in moe if i not in pairs) + tuple(range(config.num_layers, config.num_layers + mtp))
+    return CouplingSlots(pairs, pairless)
+
+
+def megatron_moe_layer_count(args) -> int:
+    """The number of MoE layers megatron's tracker report divides each tracked loss by (GPT models).
+
+    core_v0.16.1 .. core_v0.19.0: the MoE layers of ``--moe-layer-freq`` plus ``--mtp-num-layers``
+    (``track_moe_metrics`` / ``MoEMetricsTracker._count_moe_layers``). Megatron-LM main (2026-08,
+    whose ``report`` takes ``num_moe_layers`` from ``training_log``): MTP layers count only when the
+    last decoder layer is an MoE layer, once with ``--mtp-use-repeated-layer``.
+    """
+    freq = getattr(args, "moe_layer_freq", None)
+    if freq is None:
+        pattern = [1] * args.num_layers
+    elif isinstance(freq, int):
+        pattern = [1 if i % freq == 0 else 0 for i in range(args.num_layers)]
+    else:
+        pattern = list(freq)
+    mtp = getattr(args, "mtp_num_layers", None) or 0
+    if not _report_takes_num_moe_layers():
+        return sum(pattern) + mtp
+    if mtp and pattern[-1]:
+        return sum(pattern) + (1 if getattr(args, "mtp_use_repeated_layer", False) else mtp)
+    return sum(pattern)
+
+
+def _report_takes_num_moe_layers() -> bool:
+    import inspect
+
+    try:
+        from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
+    except ImportError:  # megatron-core < 0.18
+        return False
+    return "num_moe_layers" in inspect.signature(MoEMetricsTracker.report).parameters
+
+
+def fill_pairless_slots(values_L, slots: CouplingSlots, num_moe_layers: int) -> None:
+    """Make ``values_L.sum() / num_moe_layers`` (megatron's report) the mean over R_cp's pairs, in place.
+
+    ``values_L`` is this rank's ``coupling_loss`` tracker tensor before megatron reduces it. Each of
+    the ``num_moe_layers - len(pair_slots)`` counted slots without a pair gets this rank's pair sum
+    divided by the number of pairs; megatron's reduction (sums over pipeline stages and TPxCP, a
+    mean over DP) is linear, so after it each such slot holds the mean over pairs, and the reported
+    mean ``(S + missing * S / pairs) / num_moe_layers`` is ``S / pairs``. The pairs' own values are
+    untouched (per-layer logging shows them as they are; a slot without a pair shows the pairs' mean).
+    Nothing changes when no pair exists (R_cp logs 0) or when every counted slot has a pair.
+    """
+    pairs = list(slots.pair_slots)
+    missing = num_moe_layers - len(pairs)
+    if not pairs or missing <= 0:
+        return
+    targets = [i for i in slots.pairless_slots if i < values_L.numel()][:missing]
+    if not targets:
+        raise ValueError(f"megatron-moe-spec: coupling_loss has {values_L.numel()} tracker slots, none "
+                         f"for the {missing} MoE layers without an R_cp pair")
+    share = values_L[pairs].sum() / len(pairs)
+    for i in targets:
+        values_L[i] += share
+    if len(targets) < missing:  # megatron counts more MoE layers than the tracker has free slots
+        values_L[targets[-1]] += share * (missing - len(targets))
+
+
+def report_coupling_as_pair_mean(args) -> None:
+    """The ``training_log`` hook before megatron's MoE tracker report (every rank, every iteration).
+
+    megatron reports each tracked loss as the sum over layers divided by the number of MoE layers;
+    R_cp has one term per adjacent MoE pair (none for the last MoE layer, none for pairs split across
+    pipeline stages, none in MTP layers), so its report would be ``pairs / MoE layers`` of the mean
+    over pairs. This fills the counted slots without a pair (``fill_pairless_slots``) so that the
+    reported ``coupling_loss`` (console, TensorBoard, W&B) is the mean over the pairs that exist.
+    Call it exactly once per report, after the last micro-batch and before the report.
+    """
+    if _spec_config(args).cp_coeff <= 0 or _STATE.coupling is None:
+        return
+    from megatron_moe_spec.core.aux_losses import COUPLING_LOSS
+
+    values = _tracker_values(COUPLING_LOSS)
+    if values is not None:
+        fill_pairless_slots(values, _STATE.coupling, megatron_moe_layer_count(args))
+
+
+def _tracker_values(name: str):
+    """This rank's per-layer tensor of ``name`` in megatron's MoE tracker (the live one), or None."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:  # megatron-core < 0.18: the module-level dict is the tracker
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        entry = get_moe_layer_wise_logging_tracker().get(name)
+        return None if entry is None else entry["values"]
+    entry = get_moe_metrics_tracker().metrics.get(name)
+    return None if entry is None else entry.values
 
 
 def metric_scalars(report: dict, per_layer: bool) -> dict:

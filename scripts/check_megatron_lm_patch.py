@@ -4,11 +4,16 @@
     PYTHONPATH=$PWD:/path/to/megatron-moe-spec python /path/to/megatron-moe-spec/scripts/check_megatron_lm_patch.py
 
 Parses and validates Megatron-LM's arguments with our extra_args_provider, builds a tiny MoE GPT through
-the patched model builder (core_v0.16.1: gpt_builders.gpt_builder via model_provider; core_v0.19.0:
-megatron.training.models.gpt.GPTModelBuilder), runs one forward/backward, then does what the patched
-training_log does: track_names + megatron's tracker report + log_specialization_metrics.
+the patched model builder (core_v0.16.1 .. core_v0.18.2: gpt_builders.gpt_builder via model_provider;
+core_v0.19.0 and main: megatron.training.models.gpt.GPTModelBuilder), runs one forward/backward, then does
+what the patched training_log does: track_names, report_coupling_as_pair_mean, log_specialization_metrics,
+megatron's tracker report. Exits non-zero if the layers are not the expected ones or the reported
+coupling_loss is not the mean over the adjacent MoE pairs.
 Environment: SPEC_OFF=1 (no --moe-spec-* flags: stock layers expected), USE_SPEC=1 (also pass
---spec megatron_moe_spec.megatron_lm gpt_layer_spec). Not a GPU test: see docs/megatron_lm.md.
+--spec megatron_moe_spec.megatron_lm gpt_layer_spec), ALLOW_UNTESTED_CORE=1 (lift megatron-moe-spec's
+megatron-core version guard in this process only: Megatron-LM main reports megatron-core 0.20.0, which the
+package refuses; this shows whether the patch works there, it does not make 0.20 supported).
+Not a GPU test: see docs/megatron_lm.md.
 """
 import typing
 
@@ -25,6 +30,20 @@ sys.path.insert(0, os.getcwd())
 
 import torch  # noqa: E402
 
+if os.environ.get("ALLOW_UNTESTED_CORE"):
+    import importlib.util
+
+    from packaging.version import Version
+
+    _path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_moe_spec", "core",
+                         "version.py")
+    _spec = importlib.util.spec_from_file_location("megatron_moe_spec.core.version", _path)
+    _version = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_version)
+    _version.SUPPORTED = (_version.SUPPORTED[0], Version("1000"))
+    sys.modules["megatron_moe_spec.core.version"] = _version  # used by megatron_moe_spec.core's import check
+    print("ALLOW_UNTESTED_CORE: megatron-moe-spec's megatron-core version guard is lifted in this process")
+
 from megatron_moe_spec import cpu  # noqa: E402
 
 cpu.enable()
@@ -32,7 +51,7 @@ torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 
 from megatron_moe_spec import megatron_lm as moe_spec  # noqa: E402
 
-UPSTREAM = os.path.isfile(os.path.join("megatron", "training", "models", "gpt.py"))  # core_v0.19.0 layout
+UPSTREAM = os.path.isfile(os.path.join("megatron", "training", "models", "gpt.py"))  # core_v0.19.0+ layout
 
 sys.argv = ["pretrain_gpt.py", "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
             "--ffn-hidden-size", "128", "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm",
@@ -51,10 +70,10 @@ if os.environ.get("USE_SPEC"):
 
 provider = moe_spec.chain_extra_args_provider(None)
 defaults = {"tokenizer_type": "GPT2BPETokenizer"}
-if UPSTREAM:
-    from megatron.training.arguments import parse_and_validate_args
+from megatron.training import arguments  # noqa: E402
 
-    args = parse_and_validate_args(extra_args_provider=provider, args_defaults=defaults)
+if hasattr(arguments, "parse_and_validate_args"):  # core_v0.18.0 and later
+    args = arguments.parse_and_validate_args(extra_args_provider=provider, args_defaults=defaults)
 else:
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.global_vars import set_global_variables
@@ -66,7 +85,10 @@ args.padded_vocab_size = 128
 print("args.spec:", args.spec)
 print("config:", moe_spec.specialization_config_from_args(args))
 
-from megatron.core import parallel_state  # noqa: E402
+import megatron.core  # noqa: E402
+from megatron.core import package_info, parallel_state  # noqa: E402
+
+print(f"megatron.core {package_info.__version__} from {os.path.dirname(megatron.core.__file__)}")
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
 
 parallel_state.initialize_model_parallel()
@@ -109,23 +131,10 @@ out = model(input_ids=tokens[:, :-1], position_ids=torch.arange(16).expand(2, -1
             labels=tokens[:, 1:])
 out.float().mean().backward()
 
-names = moe_spec.track_names(args, ["load_balancing_loss"])
-print("track_names:", names)
-for name in names:
-    print(f"  {name} per layer: {[round(v, 5) for v in tracker_view()[name][0].tolist()]}")
-total = {}
-if UPSTREAM:
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-
-    get_moe_metrics_tracker().report(loss_scale=1.0, iteration=1, total_loss_dict=total, force_initialize=True,
-                                     track_names=names, num_layers=args.num_layers,
-                                     moe_layer_freq=args.moe_layer_freq)
+if os.environ.get("SPEC_OFF"):
+    assert kinds == ["MoELayer", "TransformerLayer"], kinds
 else:
-    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
-
-    track_moe_metrics(loss_scale=1.0, iteration=1, total_loss_dict=total, force_initialize=True,
-                      track_names=names, num_layers=args.num_layers, moe_layer_freq=args.moe_layer_freq)
-print("megatron's tracker report -> total_loss_dict:", {k: round(float(v), 5) for k, v in total.items()})
+    assert kinds == ["SpecializationMoELayer", "SpecializationTransformerLayer"], kinds
 
 
 class PrintWriter:
@@ -133,6 +142,41 @@ class PrintWriter:
         print(f"  tensorboard {tag} = {value:.4f} (iteration {step})")
 
 
+# What the patched training_log does, in its order.
+names = moe_spec.track_names(args, ["load_balancing_loss"])
+print("track_names:", names)
+per_layer = {name: tracker_view()[name][0].tolist() for name in names}
+for name in names:
+    print(f"  {name} per layer: {[round(v, 5) for v in per_layer[name]]}")
+moe_spec.report_coupling_as_pair_mean(args)
 print("log_specialization_metrics(1):")
 moe_spec.log_specialization_metrics(1, PrintWriter(), None)
+total = {}
+try:
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+except ImportError:  # core_v0.16.1, core_v0.17.1
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    track_moe_metrics(loss_scale=1.0, iteration=1, total_loss_dict=total, force_initialize=True,
+                      track_names=names, num_layers=args.num_layers, moe_layer_freq=args.moe_layer_freq,
+                      mtp_num_layers=args.mtp_num_layers)
+else:
+    import inspect
+
+    report = get_moe_metrics_tracker().report
+    extra = {}
+    if "num_moe_layers" in inspect.signature(report).parameters:  # main: training_log counts them (4, no MTP)
+        extra["num_moe_layers"] = args.num_layers
+    else:  # core_v0.18.0 .. core_v0.19.0
+        extra["mtp_num_layers"] = args.mtp_num_layers
+    report(loss_scale=1.0, iteration=1, total_loss_dict=total, force_initialize=True, track_names=names,
+           num_layers=args.num_layers, moe_layer_freq=args.moe_layer_freq, **extra)
+print("megatron's tracker report -> total_loss_dict:", {k: round(float(v), 5) for k, v in total.items()})
+if "coupling_loss" in names:
+    pairs = per_layer["coupling_loss"][:-1]  # 4 MoE layers, one stage: pairs (1,2), (2,3), (3,4)
+    mean = sum(pairs) / len(pairs)
+    print(f"coupling_loss: mean over the {len(pairs)} pairs {mean:.5f}, reported {float(total['coupling_loss']):.5f}, "
+          f"megatron's mean over 4 MoE layers would be {sum(pairs) / 4:.5f}")
+    assert abs(float(total["coupling_loss"]) - mean) <= 1e-6 * abs(mean), "coupling_loss is not the mean over pairs"
+print("OK")
 torch.distributed.destroy_process_group()

@@ -33,10 +33,23 @@ FLAGS = {  # flag -> dest; every default is None ("not given")
     "--moe-spec-metrics-interval": "moe_spec_metrics_interval",
 }
 
-# The files each tag's patch may touch (and must touch).
+# The files each patch may touch (and must touch), and the Megatron-LM refs it was checked on
+# (docs/megatron_lm.md records the commits and the check of each).
 PATCHED_FILES = {
-    "core_v0.16.1": {"pretrain_gpt.py", "gpt_builders.py", "megatron/training/training.py"},
-    "core_v0.19.0": {"pretrain_gpt.py", "megatron/training/models/gpt.py", "megatron/training/training.py"},
+    "megatron-lm-core_v0.16.1-core_v0.17.1.patch": {"pretrain_gpt.py", "gpt_builders.py",
+                                                    "megatron/training/training.py"},
+    "megatron-lm-core_v0.18.0-core_v0.18.2.patch": {"pretrain_gpt.py", "gpt_builders.py",
+                                                    "megatron/training/training.py"},
+    "megatron-lm-core_v0.19.0-main.patch": {"pretrain_gpt.py", "megatron/training/models/gpt.py",
+                                            "megatron/training/training.py"},
+}
+CHECKED_REFS = {
+    "core_v0.16.1": "megatron-lm-core_v0.16.1-core_v0.17.1.patch",
+    "core_v0.17.1": "megatron-lm-core_v0.16.1-core_v0.17.1.patch",
+    "core_v0.18.0": "megatron-lm-core_v0.18.0-core_v0.18.2.patch",
+    "core_v0.18.2": "megatron-lm-core_v0.18.0-core_v0.18.2.patch",
+    "core_v0.19.0": "megatron-lm-core_v0.19.0-main.patch",
+    "main": "megatron-lm-core_v0.19.0-main.patch",
 }
 
 
@@ -355,11 +368,111 @@ def test_one_training_step_through_the_hooks(run_args):
     cp = tracker["coupling_loss"]["values"]
     assert bool((sp != 0).all())
     assert bool((cp[:3] != 0).all()) and cp[3] == 0  # R_cp is indexed by the earlier layer of a pair
+    pairs = cp[:3].tolist()  # the three pairs (1,2), (2,3), (3,4), before the hook
+    sp_layers = sp.tolist()
+
+    # What the patched training_log does next: our hook, then megatron's own report.
+    args.num_layers, args.moe_layer_freq, args.mtp_num_layers = 4, 1, None
+    megatron_lm.report_coupling_as_pair_mean(args)
+    reported = megatron_report(names, num_layers=4, moe_layer_freq=1, loss_scale=0.5)
+    assert reported["coupling_loss"] == pytest.approx(0.5 * sum(pairs) / 3, rel=1e-6)  # not / 4
+    assert reported["specialization_loss"] == pytest.approx(0.5 * sum(sp_layers) / 4, rel=1e-6)  # untouched
     writer = FakeWriter()
     scalars = megatron_lm.log_specialization_metrics(1, writer, None)
     assert {"moe/routing_entropy", "moe/load_cv", "moe/activation_similarity"} <= set(scalars)
     assert {tag for tag, _, _ in writer.scalars} == set(scalars)
     assert all(step == 1 for _, _, step in writer.scalars)
+
+
+def megatron_report(names, num_layers, moe_layer_freq, loss_scale=1.0, mtp_num_layers=None):
+    """megatron-core's MoE tracker report (reduce, mean over MoE layers, clear) -> total_loss_dict."""
+    total = {}
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:  # megatron-core < 0.18
+        from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+        track_moe_metrics(loss_scale=loss_scale, iteration=1, total_loss_dict=total, force_initialize=True,
+                          track_names=names, num_layers=num_layers, moe_layer_freq=moe_layer_freq,
+                          mtp_num_layers=mtp_num_layers)
+    else:
+        get_moe_metrics_tracker().report(loss_scale=loss_scale, iteration=1, total_loss_dict=total,
+                                         force_initialize=True, track_names=names, num_layers=num_layers,
+                                         moe_layer_freq=moe_layer_freq, mtp_num_layers=mtp_num_layers)
+    return {k: float(v) for k, v in total.items()}
+
+
+# ------------------------------------------------------------------- R_cp: the mean over pairs
+def slots(pairs, pairless):
+    return megatron_lm.CouplingSlots(tuple(pairs), tuple(pairless))
+
+
+@pytest.mark.parametrize("layout, values, counted, expected", [
+    # 4 MoE layers, one stage: pairs at 0, 1, 2; the last MoE layer (3) has none.
+    (slots([0, 1, 2], [3]), [3.0, 6.0, 9.0, 0.0], 4, [3.0, 6.0, 9.0, 6.0]),
+    # PP=2 splits the pair (2, 3): only (1, 2) and (3, 4) remain, at slots 0 and 2.
+    (slots([0, 2], [1, 3]), [2.0, 0.0, 4.0, 0.0], 4, [2.0, 3.0, 4.0, 3.0]),
+    # Dense first layer (MoE layers 2..4) and one MTP layer, which megatron counts (slot 4).
+    (slots([1, 2], [3, 4]), [0.0, 1.0, 5.0, 0.0, 0.0], 4, [0.0, 1.0, 5.0, 3.0, 3.0]),
+    # No pair at all (every pair split): nothing to average, left as is.
+    (slots([], [0, 1]), [0.0, 0.0], 2, [0.0, 0.0]),
+])
+def test_fill_pairless_slots_makes_megatrons_mean_the_mean_over_pairs(layout, values, counted, expected):
+    values_L = torch.tensor(values)
+    megatron_lm.fill_pairless_slots(values_L, layout, counted)
+    assert values_L.tolist() == pytest.approx(expected)
+    if layout.pair_slots:  # megatron's report: the sum over all slots / the MoE layers it counts
+        pair_mean = sum(values[i] for i in layout.pair_slots) / len(layout.pair_slots)
+        assert float(values_L.sum()) / counted == pytest.approx(pair_mean)
+
+
+def test_fill_is_linear_so_it_commutes_with_megatrons_reduction():
+    # Two pipeline stages hold disjoint pairs; megatron sums the stages' tensors after the hook.
+    layout = slots([0, 1, 2], [3])
+    stage0, stage1 = torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 6.0, 0.0])
+    for t in (stage0, stage1):
+        megatron_lm.fill_pairless_slots(t, layout, 4)
+    assert float((stage0 + stage1).sum()) / 4 == pytest.approx(3.0)
+
+
+def test_coupling_slots_follow_the_pipeline_split(megatron_single_process):
+    import dataclasses
+
+    config = tiny_config()
+    assert megatron_lm.coupling_slots(config) == slots([0, 1, 2], [3])
+    pp2 = dataclasses.replace(config, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    assert megatron_lm.coupling_slots(pp2) == slots([0, 2], [1, 3])  # skip: pair (2, 3) crosses stages
+    assert megatron_lm.coupling_slots(pp2, "exact") == slots([0, 1, 2], [3])  # exact: computed across
+    mtp = dataclasses.replace(config, moe_layer_freq=[0, 1, 1, 1], mtp_num_layers=1)
+    assert megatron_lm.coupling_slots(mtp) == slots([1, 2], [3, 4])
+
+
+@pytest.mark.parametrize("freq, mtp, repeated, new_report, expected", [
+    (1, None, False, False, 4),
+    ([0, 1, 1, 1], None, False, False, 3),
+    (2, 2, False, False, 4),             # core_v0.16.1 .. core_v0.19.0: + mtp_num_layers, always
+    ([1, 1, 1, 0], 2, False, False, 5),
+    ([1, 1, 1, 0], 2, False, True, 3),   # main: MTP counts only after an MoE last layer
+    ([1, 1, 1, 1], 2, False, True, 6),
+    ([1, 1, 1, 1], 2, True, True, 5),    # main, --mtp-use-repeated-layer: once
+])
+def test_megatron_moe_layer_count_per_version(monkeypatch, freq, mtp, repeated, new_report, expected):
+    monkeypatch.setattr(megatron_lm, "_report_takes_num_moe_layers", lambda: new_report)
+    args = types.SimpleNamespace(num_layers=4, moe_layer_freq=freq, mtp_num_layers=mtp,
+                                 mtp_use_repeated_layer=repeated)
+    assert megatron_lm.megatron_moe_layer_count(args) == expected
+
+
+def test_pair_mean_hook_is_a_no_op_without_r_cp(run_args):
+    from megatron_moe_spec.core.aux_losses import register_loss_names
+
+    args = run_args("--moe-spec-sp-coeff", "2e-3")
+    args.num_layers, args.moe_layer_freq, args.mtp_num_layers = 4, 1, None
+    megatron_lm._STATE.coupling = slots([0, 1, 2], [3])
+    register_loss_names(["coupling_loss"], 4, reduce_group=None)
+    megatron_lm._tracker_values("coupling_loss")[0] = 1.0
+    megatron_lm.report_coupling_as_pair_mean(args)
+    assert megatron_lm._tracker_values("coupling_loss").tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 # ------------------------------------------------------------------------- the metrics hook
@@ -464,15 +577,28 @@ def parse_unified_diff(text):
     return files
 
 
-def test_one_patch_per_supported_tag():
-    assert patch_files() == [f"megatron-lm-{tag}.patch" for tag in sorted(PATCHED_FILES)]
+def read_index():
+    """patches/megatron-lm.index: {ref: patch file}, in file order."""
+    index = {}
+    with open(os.path.join(PATCH_DIR, "megatron-lm.index")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                ref, patch = line.split()
+                assert ref not in index, ref
+                index[ref] = patch
+    return index
 
 
-@pytest.mark.parametrize("tag", sorted(PATCHED_FILES))
-def test_patch_is_a_small_well_formed_diff_of_the_expected_files(tag):
-    with open(os.path.join(PATCH_DIR, f"megatron-lm-{tag}.patch")) as f:
+def test_the_index_maps_every_checked_ref_to_a_shipped_patch():
+    assert read_index() == CHECKED_REFS
+    assert patch_files() == sorted(PATCHED_FILES) == sorted(set(CHECKED_REFS.values()))
+
+
+@pytest.mark.parametrize("patch", sorted(PATCHED_FILES))
+def test_patch_is_a_small_well_formed_diff_of_the_expected_files(patch):
+    with open(os.path.join(PATCH_DIR, patch)) as f:
         files = parse_unified_diff(f.read())
-    assert set(files) == PATCHED_FILES[tag]
+    assert set(files) == PATCHED_FILES[patch]
     added = [l[1:] for hunks in files.values() for h in hunks for l in h[4] if l.startswith("+")]
     removed = [l[1:] for hunks in files.values() for h in hunks for l in h[4] if l.startswith("-")]
     assert len(added) <= 12 and len(removed) <= 2, (added, removed)
@@ -483,15 +609,20 @@ def test_patch_is_a_small_well_formed_diff_of_the_expected_files(tag):
         assert plus.count("from megatron_moe_spec import megatron_lm as moe_spec  # megatron-moe-spec") == 1, path
     assert all(l.endswith("  # megatron-moe-spec") for l in added), added
     assert removed == ["        extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,"]
+    # training_log: our names, then the R_cp fix, both before megatron's report (one hunk).
+    hooks = [l[1:].split("(")[0].strip() for h in files["megatron/training/training.py"] for l in h[4]
+             if l.startswith("+") and "import" not in l]
+    assert hooks == ["track_names = moe_spec.track_names", "moe_spec.report_coupling_as_pair_mean",
+                     "moe_spec.log_specialization_metrics"]
 
 
-@pytest.mark.parametrize("tag", sorted(PATCHED_FILES))
-def test_patch_calls_only_functions_that_exist(tag):
-    with open(os.path.join(PATCH_DIR, f"megatron-lm-{tag}.patch")) as f:
+@pytest.mark.parametrize("patch", sorted(PATCHED_FILES))
+def test_patch_calls_only_functions_that_exist(patch):
+    with open(os.path.join(PATCH_DIR, patch)) as f:
         added = [l[1:] for l in f.read().splitlines() if l.startswith("+") and not l.startswith("+++")]
     called = set(re.findall(r"\bmoe_spec\.(\w+)\(", "\n".join(added)))
     assert called == {"chain_extra_args_provider", "specialize_layer_spec", "register_model", "track_names",
-                      "log_specialization_metrics"}
+                      "report_coupling_as_pair_mean", "log_specialization_metrics"}
     for name in called:
         assert callable(getattr(megatron_lm, name, None)), name
     # Each added line is valid Python on its own: a statement, or a keyword argument of the call
@@ -521,10 +652,90 @@ def test_apply_script_refuses_a_non_megatron_dir_clearly(tmp_path):
     assert r.returncode == 1 and "no shipped patch applies cleanly" in r.stderr
     assert "core_v0.16.1" in r.stderr and "core_v0.19.0" in r.stderr
     r = subprocess.run(["bash", script, str(tmp_path), "core_v0.1.0"], capture_output=True, text=True)
-    assert r.returncode == 2 and "no patch for tag 'core_v0.1.0'" in r.stderr
+    assert r.returncode == 2 and "no patch for 'core_v0.1.0'" in r.stderr
     r = subprocess.run(["bash", script, str(tmp_path), "core_v0.16.1"], capture_output=True, text=True)
     assert r.returncode == 1 and "does not apply cleanly" in r.stderr
     assert open(tmp_path / "pretrain_gpt.py").read() == "print('not the real one')\n"  # untouched
+
+
+def preimage_tree(root, patch):
+    """A stand-in checkout that ``patch`` applies to: each file holds the patch's pre-image lines
+    (context and removed lines) at their line numbers, with distinct filler lines in between."""
+    with open(os.path.join(PATCH_DIR, patch)) as f:
+        files = parse_unified_diff(f.read())
+    for path, hunks in files.items():
+        lines = {}
+        for old_start, _, _, _, body in hunks:
+            for offset, line in enumerate(l[1:] for l in body if l[0] in " -"):
+                lines[old_start + offset] = line
+        text = [lines.get(n, f"# filler {n}") for n in range(1, max(lines) + 4)]
+        os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
+        write(os.path.join(root, path), "\n".join(text) + "\n")
+    os.makedirs(os.path.join(root, "megatron", "training"), exist_ok=True)
+    if not os.path.exists(os.path.join(root, "pretrain_gpt.py")):
+        write(os.path.join(root, "pretrain_gpt.py"), "")
+    return files
+
+
+def apply_script(*argv):
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "apply_megatron_lm_patch.sh"), *map(str, argv)],
+                          capture_output=True, text=True)
+
+
+def tree_text(root):
+    return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n)).read()
+            for d, _, names in os.walk(root) if ".git" not in d for n in names}
+
+
+@pytest.mark.parametrize("patch", sorted(PATCHED_FILES))
+def test_apply_script_detects_the_patch_that_applies(tmp_path, patch):
+    files = preimage_tree(tmp_path, patch)
+    r = apply_script(tmp_path)
+    assert r.returncode == 0 and f"detected: patches/{patch} applies" in r.stdout, r.stdout + r.stderr
+    for path, hunks in files.items():  # every added line landed
+        text = open(tmp_path / path).read()
+        for _, _, _, _, body in hunks:
+            for line in (l[1:] for l in body if l[0] == "+"):
+                assert line + "\n" in text, (path, line)
+    before = tree_text(tmp_path)
+    r = apply_script(tmp_path)  # a second run: no-op
+    assert r.returncode == 0 and "already has the megatron-moe-spec patch" in r.stdout
+    assert tree_text(tmp_path) == before
+
+
+@pytest.mark.parametrize("patch", sorted(PATCHED_FILES))
+def test_apply_script_uses_the_index_for_a_given_ref(tmp_path, patch):
+    preimage_tree(tmp_path, patch)
+    before = tree_text(tmp_path)
+    other = next(ref for ref, p in CHECKED_REFS.items() if p != patch)
+    r = apply_script(tmp_path, other)  # the other ref's patch: refused, untouched
+    assert r.returncode == 1 and f"patches/{CHECKED_REFS[other]} does not apply cleanly" in r.stderr
+    assert tree_text(tmp_path) == before
+    ref = next(ref for ref, p in CHECKED_REFS.items() if p == patch)
+    r = apply_script(tmp_path, ref)
+    assert r.returncode == 0 and f"applied patches/{patch}" in r.stdout and "detected" not in r.stdout
+
+
+def _git(root, *argv):
+    subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *argv], check=True,
+                   capture_output=True)
+
+
+def test_apply_script_uses_the_exact_tag_of_a_git_checkout(tmp_path):
+    # A checkout tagged core_v0.16.1 whose files are those of the 0.18 patch: the tag decides (and
+    # its patch does not apply), no trying of the other patches.
+    preimage_tree(tmp_path, CHECKED_REFS["core_v0.18.0"])
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "x")
+    _git(tmp_path, "tag", "core_v0.16.1")
+    r = apply_script(tmp_path)
+    assert r.returncode == 1 and f"patches/{CHECKED_REFS['core_v0.16.1']} does not apply cleanly" in r.stderr
+    _git(tmp_path, "tag", "-d", "core_v0.16.1")
+    _git(tmp_path, "tag", "core_v0.99.0")  # a tag the index does not know: the patches are tried
+    r = apply_script(tmp_path)
+    assert r.returncode == 0 and "not in patches/megatron-lm.index" in r.stderr
+    assert f"detected: patches/{CHECKED_REFS['core_v0.18.0']} applies" in r.stdout
 
 
 def test_moe_layer_given_as_a_partial_is_substituted_too(megatron_single_process):
