@@ -63,19 +63,17 @@ def test_layout_matches_one_process(name, settings, world_size, parallel, dp):
 
 
 def logged_z_loss(settings):
-    """One step; megatron's own tracker reduction; this rank's logged z_loss per layer."""
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker, reduce_aux_losses_tracker_across_ranks)
-
+    """One step; megatron's own tracker reduction (with the groups megatron recorded); this rank's
+    logged z_loss per layer."""
+    from megatron_moe_spec.core import moe_tracker
     from megatron_moe_spec.testing.tiny_gpt import build_model, build_transformer_config, local_microbatches, run_step
 
     config = build_transformer_config(settings)
     chunks = build_model(config, settings)
     run_step(chunks, config, local_microbatches(settings), settings)
-    reduce_aux_losses_tracker_across_ranks(["z_loss", "load_balancing_loss"])
-    tracker = get_moe_layer_wise_logging_tracker()
-    values = {name: tracker[name]["values"].tolist() for name in ("z_loss", "load_balancing_loss")}
-    clear_aux_losses_tracker()
+    moe_tracker.sync(["z_loss", "load_balancing_loss"])
+    values = {name: moe_tracker.values(name).tolist() for name in ("z_loss", "load_balancing_loss")}
+    moe_tracker.clear()
     return values
 
 
