@@ -4,9 +4,10 @@ Each MoE layer records its losses per micro-batch in megatron's layer-wise track
 through ``core.moe_tracker``, the one path to it on every megatron-core version): megatron's own
 (``load_balancing_loss``, ``z_loss``, ...) and ours (``specialization_loss``, ``coupling_loss``,
 ``orthogonality_loss``, ``variance_loss``, see ``core.aux_losses``). megatron's reduction sums over
-pipeline stages and over the recorded reduce group (tensor x context parallel: each rank holds its partial), then averages
-over data parallel. It is a collective per name, so every rank registers every name up front (a
-stage without MoE layers would otherwise skip the collective and hang the others).
+pipeline stages and over the recorded reduce group (tensor x context parallel: each rank holds its
+partial), then averages over data parallel. It is a collective per name, so every rank registers
+every name up front (a stage without MoE layers would otherwise skip the collective and hang the
+others).
 
 megatron-core 0.16.1 records ``z_loss`` without any group, as the mean over each rank's local tokens
 (its gradient coefficient is divided by the tp_cp size, the logged value is not): we average it over
