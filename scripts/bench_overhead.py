@@ -82,9 +82,7 @@ def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: 
     """Runs in every rank (under run_distributed): all variants side by side, interleaved."""
     import torch
     import torch.distributed as dist
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-
-    from megatron_moe_spec.core import layer_metrics
+    from megatron_moe_spec.core import layer_metrics, moe_tracker
     from megatron_moe_spec.core.layer_specs import get_moe_block_spec, moe_layer_numbers
     from megatron_moe_spec.specialization_config import SpecializationConfig
     from megatron_moe_spec.testing.bench import SavedTensorMeter, count_collectives, static_training_bytes
@@ -128,7 +126,7 @@ def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: 
             p.grad = None
         if VARIANTS[name].get("metrics"):
             layer_metrics.report()  # the log-time reduction, every step (metrics_interval = 1)
-        clear_aux_losses_tracker()
+        moe_tracker.clear()
         return out
 
     def lm_loss(out):

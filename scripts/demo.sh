@@ -5,6 +5,7 @@
 #
 #   scripts/demo.sh                      # a few minutes on 2 CPU cores
 #   DEMO_ITERS=100 scripts/demo.sh       # shorter
+#   MMS_MEGATRON_CORE=0.19.2 scripts/demo.sh   # on another megatron-core (scripts/_env.sh)
 #   MMS_NO_SETUP=1 scripts/demo.sh       # use the python on PATH instead of .venv (scripts/_env.sh)
 #   DEMO_RUN_DIR=runs/demo_lb scripts/demo.sh --set specialization.sp_coeff=0 --set specialization.cp_coeff=0
 #                                        # extra --set arguments go to the training (here: a baseline)

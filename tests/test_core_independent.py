@@ -355,7 +355,9 @@ def test_everything_off_is_megatrons_own_spec(megatron_single_process):
     config = build_transformer_config(TinyGPTSettings())
     ours = get_moe_block_spec(config, SpecializationConfig(), use_transformer_engine=False)
     stock = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    assert ours == stock
+    from megatron_moe_spec.testing.compare import spec_structure  # MoE specs are partials from 0.18
+
+    assert spec_structure(ours) == spec_structure(stock)
     assert [s.module for s in ours.layer_specs] == [s.module for s in stock.layer_specs]
 
 

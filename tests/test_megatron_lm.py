@@ -274,19 +274,28 @@ def test_hook_leaves_the_spec_alone_when_off(run_args):
     assert megatron_lm.specialize_layer_spec(block, config, None) is block
 
 
+def _module_and_kwargs(spec):
+    """A ModuleSpec's (module, params), or a functools.partial's (func, keywords): megatron-core >= 0.18
+    specs the MoE layer as a partial."""
+    import functools
+
+    if isinstance(spec, functools.partial):
+        return spec.func, spec.keywords
+    return getattr(spec, "module", None), getattr(spec, "params", {})
+
+
 def test_hook_substitutes_and_registers_when_on(run_args):
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-    from megatron_moe_spec.core import layer_metrics
+    from megatron_moe_spec.core import layer_metrics, moe_tracker
 
     run_args("--moe-spec-sp-coeff", "2e-3", "--moe-spec-cp-coeff", "1e-3", "--moe-spec-metrics")
     config = tiny_config(moe_layer_freq=[1, 0, 1, 1])
     block = stock_block(config)
     out = megatron_lm.specialize_layer_spec(block, config, None)
     assert layer_modules(out) == ["SpecializationTransformerLayer"] * 4
-    moe = [s.submodules.mlp for s in out.layer_specs
-           if getattr(s.submodules.mlp, "module", None).__name__ == "SpecializationMoELayer"]
-    assert len(moe) == 3 and moe[0].params["spec_config"].sp_coeff == 2e-3
-    tracker = get_moe_layer_wise_logging_tracker()
+    moe = [_module_and_kwargs(s.submodules.mlp)[1] for s in out.layer_specs
+           if _module_and_kwargs(s.submodules.mlp)[0].__name__ == "SpecializationMoELayer"]
+    assert len(moe) == 3 and moe[0]["spec_config"].sp_coeff == 2e-3
+    tracker = moe_tracker.recorded_names()
     assert "specialization_loss" in tracker and "coupling_loss" in tracker
     assert "variance_loss" not in tracker
     assert layer_metrics.registered_layers() == [1, 3, 4]
@@ -751,14 +760,18 @@ def test_moe_layer_given_as_a_partial_is_substituted_too(megatron_single_process
 
     layer = stock_block(tiny_config()).layer_specs[0]
     mlp = layer.submodules.mlp
-    as_partial = functools.partial(MoELayer, submodules=mlp.submodules)
+    if isinstance(mlp, functools.partial):  # megatron-core >= 0.18: the stock spec already is one
+        assert mlp.func is MoELayer
+        as_partial = mlp
+    else:
+        as_partial = functools.partial(MoELayer, submodules=mlp.submodules)
     layer = dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mlp=as_partial))
     spec_config = SpecializationConfig(sp_coeff=1e-3)
     out = substitute_layer_spec(layer, spec_config).submodules.mlp
     assert isinstance(out, functools.partial) and out.func is SpecializationMoELayer
     assert out.keywords["spec_config"] is spec_config
     assert out.keywords["submodules"].router is SpecializationRouter
-    assert out.keywords["submodules"].experts is mlp.submodules.experts
+    assert out.keywords["submodules"].experts is as_partial.keywords["submodules"].experts
 
 
 # ------------------------------------------------------------ pipeline stage without MoE layers

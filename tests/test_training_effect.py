@@ -34,9 +34,9 @@ def batches(steps):
 def train(spec: SpecializationConfig):
     import functools
 
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from megatron_moe_spec.core import layer_metrics
+    from megatron_moe_spec.core import layer_metrics, moe_tracker
     from megatron_moe_spec.core.layer_specs import get_moe_block_spec, moe_layer_numbers
 
     config = build_transformer_config(SETTINGS)
@@ -52,7 +52,7 @@ def train(spec: SpecializationConfig):
         loss = model(input_ids=tokens, position_ids=position_ids, attention_mask=None, labels=labels).float().mean()
         loss.backward()
         optimizer.step()
-        clear_aux_losses_tracker()
+        moe_tracker.clear()
         report = layer_metrics.report()
         history.append({"lm_loss": float(loss.detach()), **{k: v for k, v in report.items() if isinstance(v, float)}})
     return history

@@ -40,3 +40,26 @@ def assert_same_step(reference: dict, actual: dict, rtol: float = 1e-5) -> None:
     assert abs(loss - ref_loss) <= rtol * abs(ref_loss), f"lm_loss {loss!r} != {ref_loss!r}"
     problems = tensor_mismatches(reference["grads"], actual["grads"], rtol)
     assert not problems, "gradients differ from the one-process run:\n  " + "\n  ".join(problems)
+
+
+def spec_structure(spec):
+    """A megatron module spec as plain, comparable data: ``ModuleSpec`` / submodule dataclasses as
+    ``(type, {field: ...})``, ``functools.partial`` as ``("partial", func, args, {keyword: ...})``.
+
+    From megatron-core 0.18 the MoE layer is specced as ``functools.partial(MoELayer, ...)``, and two
+    partials of the same function and arguments are not ``==`` (partial compares by identity): two
+    builds of the same spec compare equal only through this.
+    """
+    import dataclasses
+    import functools
+
+    if isinstance(spec, functools.partial):
+        return ("partial", spec.func, tuple(spec_structure(a) for a in spec.args),
+                {k: spec_structure(v) for k, v in spec.keywords.items()})
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return (type(spec), {f.name: spec_structure(getattr(spec, f.name)) for f in dataclasses.fields(spec)})
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(spec_structure(s) for s in spec)
+    if isinstance(spec, dict):
+        return {k: spec_structure(v) for k, v in spec.items()}
+    return spec

@@ -409,13 +409,11 @@ def tracker_values(num_microbatches: int, num_layers: int = None) -> Dict[str, L
     Every rank must call this (the reduction is a collective). ``z_loss`` is left out: megatron-core
     0.16 records it without a reduce group, so its logged value differs across TP ranks.
     """
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron_moe_spec.core import moe_tracker
 
-    from megatron_moe_spec.core.aux_losses import reduce_tracker
-
-    reduced = reduce_tracker(num_layers=num_layers)
-    values = {n: (v["values"].double() / num_microbatches).tolist() for n, v in reduced.items() if n != "z_loss"}
-    clear_aux_losses_tracker()
+    reduced = moe_tracker.reduce_union(num_layers=num_layers)
+    values = {n: (v.double() / num_microbatches).tolist() for n, v in reduced.items() if n != "z_loss"}
+    moe_tracker.clear()
     return values
 
 

@@ -1,16 +1,19 @@
 """The auxiliary losses, read from megatron-core's MoE tracker and reduced as Megatron-LM does.
 
-Each MoE layer records its losses per micro-batch in megatron's layer-wise tracker
-(``save_to_aux_losses_tracker``): megatron's own (``load_balancing_loss``, ``z_loss``, ...) and ours
-(``specialization_loss``, ``coupling_loss``, ``orthogonality_loss``, ``variance_loss``, see
-``core.aux_losses``). ``reduce_aux_losses_tracker_across_ranks`` sums over pipeline stages and over
-the recorded reduce group (tensor x context parallel: each rank holds its partial), then averages
-over data parallel. It is a collective per name, so every rank registers every name up front (a
-stage without MoE layers would otherwise skip the collective and hang the others).
+Each MoE layer records its losses per micro-batch in megatron's layer-wise tracker (read and reduced
+through ``core.moe_tracker``, the one path to it on every megatron-core version): megatron's own
+(``load_balancing_loss``, ``z_loss``, ...) and ours (``specialization_loss``, ``coupling_loss``,
+``orthogonality_loss``, ``variance_loss``, see ``core.aux_losses``). megatron's reduction sums over
+pipeline stages and over the recorded reduce group (tensor x context parallel: each rank holds its
+partial), then averages over data parallel. It is a collective per name, so every rank registers
+every name up front (a stage without MoE layers would otherwise skip the collective and hang the
+others).
 
 megatron-core 0.16.1 records ``z_loss`` without any group, as the mean over each rank's local tokens
 (its gradient coefficient is divided by the tp_cp size, the logged value is not): we average it over
 tensor x context x data parallel, so every rank logs the same value, the mean over the micro-batch.
+megatron-core 0.19 does the same itself (``avg_group`` = TPxDPxCP, PR #3199); setting it again there
+changes nothing.
 """
 from __future__ import annotations
 
@@ -42,21 +45,20 @@ def tracked_loss_names(cfg) -> List[str]:
 def register(cfg, num_layers: int) -> List[str]:
     """Create every tracked name on this rank with the group megatron reduces it over."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-    tracker = get_moe_layer_wise_logging_tracker()
-    device = torch.cuda.current_device() if torch.cuda.is_available() else torch.device("cpu")
+    from megatron_moe_spec.core import moe_tracker
+
     tp_cp = parallel_state.get_tensor_and_context_parallel_group()
     names = tracked_loss_names(cfg)
     for name in names:
-        entry = tracker.setdefault(name, {"values": torch.zeros(num_layers, device=device)})
+        moe_tracker.ensure(name, num_layers)
         if name == "z_loss":
-            _fix_z_loss_groups(entry)
+            _fix_z_loss_groups(name)
         elif name == "global_load_balancing_loss":
-            entry.update(reduce_group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True),
-                         avg_group=None, reduce_group_has_dp=True)
+            moe_tracker.set_groups(name, reduce_group=parallel_state.get_tensor_and_data_parallel_group(
+                with_context_parallel=True), dp_average=False)
         else:
-            entry.update(reduce_group=tp_cp, avg_group=None, reduce_group_has_dp=False)
+            moe_tracker.set_groups(name, reduce_group=tp_cp)
     return names
 
 
@@ -77,19 +79,14 @@ def read(names: List[str], num_microbatches: int, moe_layer_indices: List[int],
     Values are per micro-batch (the tracker sums micro-batches). ``coupling_loss`` is indexed by the
     first layer of each adjacent MoE pair (``coupling``, default: every MoE layer but the last).
     """
-    from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import (
-        get_moe_layer_wise_logging_tracker,
-        reduce_aux_losses_tracker_across_ranks,
-    )
+    from megatron_moe_spec.core import moe_tracker
 
-    tracker = get_moe_layer_wise_logging_tracker()
-    if "z_loss" in tracker:
-        _fix_z_loss_groups(tracker["z_loss"])  # each save resets them
-    reduce_aux_losses_tracker_across_ranks(names)
+    if "z_loss" in names:
+        _fix_z_loss_groups("z_loss")  # each of megatron's records resets them
+    moe_tracker.sync(names)
     out: Dict[str, float] = {}
     for name in names:
-        values = (tracker[name]["values"].double() / num_microbatches).cpu().tolist()
+        values = (moe_tracker.values(name).double() / num_microbatches).cpu().tolist()
         layers = moe_layer_indices
         if name == "coupling_loss":
             layers = moe_layer_indices[:-1] if coupling is None else coupling
@@ -102,14 +99,16 @@ def read(names: List[str], num_microbatches: int, moe_layer_indices: List[int],
     return out
 
 
-def _fix_z_loss_groups(entry: dict) -> None:
+def _fix_z_loss_groups(name: str) -> None:
     from megatron.core import parallel_state
 
-    entry.update(reduce_group=None, reduce_group_has_dp=False,
-                 avg_group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
+    from megatron_moe_spec.core import moe_tracker
+
+    moe_tracker.set_groups(name, reduce_group=None, dp_average=False,
+                           avg_group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
 
 
 def clear() -> None:
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron_moe_spec.core import moe_tracker
 
-    clear_aux_losses_tracker()
+    moe_tracker.clear()
