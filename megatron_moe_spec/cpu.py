@@ -48,8 +48,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-CHECKED_MEGATRON_CORE_VERSIONS = ("0.15", "0.16")
-"""megatron-core minor versions on which every patch below was run (0.16.1 in CI)."""
+CHECKED_MEGATRON_CORE_VERSIONS = ("0.16", "0.19")
+"""megatron-core minor versions on which every patch below was run (0.16.1 and 0.19.2 in CI)."""
 
 _CPU = torch.device("cpu")
 _saved: List[Tuple[Any, str, Any, bool]] = []  # (owner, attribute, original, existed)

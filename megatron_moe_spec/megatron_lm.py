@@ -413,12 +413,10 @@ class CouplingSlots:
 def coupling_slots(config, cp_pipeline: str = "skip") -> CouplingSlots:
     """``CouplingSlots`` of a ``TransformerConfig`` under a ``cp_pipeline`` policy (the pairs the adapter
     computes R_cp for)."""
-    from megatron_moe_spec.core.layer_specs import cross_stage_pairs, moe_layer_numbers
+    from megatron_moe_spec.core.layer_specs import coupled_layers, moe_layer_numbers
 
-    numbers = moe_layer_numbers(config)
-    split = {a for a, _ in cross_stage_pairs(config, numbers)} if cp_pipeline == "skip" else set()
-    moe = [n - 1 for n in numbers]
-    pairs = tuple(n - 1 for n in numbers[:-1] if n not in split)
+    moe = [n - 1 for n in moe_layer_numbers(config)]
+    pairs = tuple(coupled_layers(config, cp_pipeline))
     mtp = config.mtp_num_layers or 0
     pairless = tuple(i for i in moe if i not in pairs) + tuple(range(config.num_layers, config.num_layers + mtp))
     return CouplingSlots(pairs, pairless)
@@ -495,24 +493,12 @@ def report_coupling_as_pair_mean(args) -> None:
     """
     if _spec_config(args).cp_coeff <= 0 or _STATE.coupling is None:
         return
+    from megatron_moe_spec.core import moe_tracker
     from megatron_moe_spec.core.aux_losses import COUPLING_LOSS
 
-    values = _tracker_values(COUPLING_LOSS)
+    values = moe_tracker.values(COUPLING_LOSS)
     if values is not None:
         fill_pairless_slots(values, _STATE.coupling, megatron_moe_layer_count(args))
-
-
-def _tracker_values(name: str):
-    """This rank's per-layer tensor of ``name`` in megatron's MoE tracker (the live one), or None."""
-    try:
-        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-    except ImportError:  # megatron-core < 0.18: the module-level dict is the tracker
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-        entry = get_moe_layer_wise_logging_tracker().get(name)
-        return None if entry is None else entry["values"]
-    entry = get_moe_metrics_tracker().metrics.get(name)
-    return None if entry is None else entry.values
 
 
 def metric_scalars(report: dict, per_layer: bool) -> dict:

@@ -473,15 +473,16 @@ def test_megatron_moe_layer_count_per_version(monkeypatch, freq, mtp, repeated, 
 
 
 def test_pair_mean_hook_is_a_no_op_without_r_cp(run_args):
+    from megatron_moe_spec.core import moe_tracker
     from megatron_moe_spec.core.aux_losses import register_loss_names
 
     args = run_args("--moe-spec-sp-coeff", "2e-3")
     args.num_layers, args.moe_layer_freq, args.mtp_num_layers = 4, 1, None
     megatron_lm._STATE.coupling = slots([0, 1, 2], [3])
     register_loss_names(["coupling_loss"], 4, reduce_group=None)
-    megatron_lm._tracker_values("coupling_loss")[0] = 1.0
+    moe_tracker.values("coupling_loss")[0] = 1.0
     megatron_lm.report_coupling_as_pair_mean(args)
-    assert megatron_lm._tracker_values("coupling_loss").tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert moe_tracker.values("coupling_loss").tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 # ------------------------------------------------------------------------- the metrics hook

@@ -162,6 +162,14 @@ def cross_stage_pairs(config, moe_layers: List[int]) -> List[tuple]:
     return [(a, b) for a, b in zip(moe_layers[:-1], moe_layers[1:]) if owner(a) != owner(b)]
 
 
+def coupled_layers(config, cp_pipeline: str = "exact") -> List[int]:
+    """The 0-based layers that carry an R_cp value (the tracker's ``coupling_loss/layer_i``): the first
+    layer of each adjacent MoE pair, less the pairs across pipeline stages under ``cp_pipeline: skip``."""
+    numbers = moe_layer_numbers(config)
+    split = {a for a, _ in cross_stage_pairs(config, numbers)} if cp_pipeline == "skip" else set()
+    return [n - 1 for n in numbers[:-1] if n not in split]
+
+
 _WARNED_PAIRS = set()
 
 

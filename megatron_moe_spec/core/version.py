@@ -5,7 +5,7 @@ from packaging.version import Version
 
 SUPPORTED = (Version("0.16.0"), Version("0.20.0"))
 """[min, max): the range setup.py declares. 0.15.x lacks MoESubmodules.router, route/postprocess and
-the 2-argument routed_experts_compute (docs/compatibility.md). CI runs 0.16.1."""
+the 2-argument routed_experts_compute (docs/compatibility.md). CI runs 0.16.1 and 0.19.2."""
 
 
 def megatron_core_version() -> Version:

@@ -78,7 +78,7 @@ def train(cfg) -> Optional[Dict[str, float]]:
                                       data.num_domains, eps=spec.eps)
     aux_names = tracker.register(cfg, config.num_layers + (config.mtp_num_layers or 0))
     moe_modules = moe_layers(model)
-    coupling = tracker.coupling_layers(config, moe_indices) if moe_indices else []
+    coupling = tracker.coupling_layers(config, spec.cp_pipeline) if moe_indices else []
 
     # ------------------------------------------------------------------ resume
     iteration, consumed = 0, 0

@@ -62,14 +62,12 @@ def register(cfg, num_layers: int) -> List[str]:
     return names
 
 
-def coupling_layers(config, moe_layer_indices: List[int]) -> List[int]:
-    """The 0-based layers that carry an R_cp value: the first layer of each adjacent MoE pair, except
-    pairs split across pipeline stages / model chunks, which the adapter leaves out (it warns)."""
-    from megatron_moe_spec.core.layer_specs import cross_stage_pairs
+def coupling_layers(config, cp_pipeline: str) -> List[int]:
+    """The 0-based layers that carry an R_cp value (``layer_specs.coupled_layers``): with
+    ``cp_pipeline: skip`` the pairs split across pipeline stages / model chunks are left out."""
+    from megatron_moe_spec.core.layer_specs import coupled_layers
 
-    numbers = [i + 1 for i in moe_layer_indices]
-    split = {a for a, _ in cross_stage_pairs(config, numbers)}
-    return [n - 1 for n in numbers[:-1] if n not in split]
+    return coupled_layers(config, cp_pipeline)
 
 
 def read(names: List[str], num_microbatches: int, moe_layer_indices: List[int],
