@@ -73,10 +73,10 @@ _MEGATRON_LOSS = "megatron's own loss on the router, attached beside ours and no
 OPTIONS: Dict[str, Option] = {
     # ------------------------------------------------------------------ the MoE layer
     "num_moe_experts": Option(
-        EXACT, "tests/test_core_independent.py::test_loss_value_and_gradient_match_independent_computation",
+        EXACT, "tests/test_core_independent.py::test_each_loss_alone_matches_independent_gradient",
         "num_moe_experts is None: the specialization losses and metrics need an MoE model: set num_moe_experts"),
     "moe_router_topk": Option(
-        EXACT, "tests/test_core_independent.py::test_loss_value_and_gradient_match_independent_computation "
+        EXACT, "tests/test_core_independent.py::test_each_loss_alone_matches_independent_gradient "
         "(k=2, k=4 in tests/test_core_parity.py deepseek layouts); k=1 gives R_sp = L_o = 0 with a warning"),
     "moe_ffn_hidden_size": Option(EXACT, "tests/test_core_independent.py, tests/test_core_parity.py"),
     "moe_layer_freq": Option(
@@ -155,8 +155,8 @@ OPTIONS: Dict[str, Option] = {
     "moe_token_dropping": Option(NO_INTERACTION, "documented by megatron-core as unsupported and unused"),
     # ------------------------------------------------------------------ router
     "moe_router_score_function": Option(
-        EXACT, "softmax: tests/test_core_independent.py::test_loss_value_and_gradient_match_independent_"
-        "computation; sigmoid: tests/test_core_independent.py::test_variants_match_independent_computation"
+        EXACT, "softmax: tests/test_core_independent.py::test_each_loss_alone_matches_independent_"
+        "gradient; sigmoid: tests/test_core_independent.py::test_variants_match_independent_computation"
         "[sigmoid_router]; other score functions (sqrtsoftplus, 0.18+) refused",
         "moe_router_score_function: only softmax and sigmoid are tested with the specialization losses "
         "and metrics: set moe_router_score_function to softmax or sigmoid, or " + _OFF),
