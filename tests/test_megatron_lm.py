@@ -237,8 +237,7 @@ OUR_NAMES = ("specialization_loss", "coupling_loss", "orthogonality_loss", "vari
 @pytest.fixture
 def run_args(monkeypatch, megatron_single_process):
     """Stand-in for Megatron-LM's global args (what get_args() returns in a run)."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-    from megatron_moe_spec.core import layer_metrics
+    from megatron_moe_spec.core import layer_metrics, moe_tracker
 
     holder = {}
 
@@ -249,11 +248,8 @@ def run_args(monkeypatch, megatron_single_process):
 
     def clean():
         layer_metrics.register_layers([], 1)
-        tracker = get_moe_layer_wise_logging_tracker()
-        for name in OUR_NAMES:
-            tracker.pop(name, None)
-        for entry in tracker.values():
-            entry["values"].zero_()
+        moe_tracker.forget(OUR_NAMES)  # the live tracker (from 0.18 the legacy getter returns a copy)
+        moe_tracker.clear()
 
     clean()
     monkeypatch.setattr(megatron_lm, "_megatron_args", lambda: holder.get("args"))

@@ -119,6 +119,14 @@ def sync(names: List[str]) -> None:
     reduce_aux_losses_tracker_across_ranks(list(names))
 
 
+def forget(names) -> None:
+    """Drop the entries of ``names`` (a fresh start, e.g. between tests; megatron has no such call)."""
+    tracker = _metrics_tracker()
+    entries = tracker.metrics if tracker is not None else _legacy_dict()
+    for name in names:
+        entries.pop(name, None)
+
+
 def clear() -> None:
     """Zero every entry (entries and their groups are kept)."""
     tracker = _metrics_tracker()
