@@ -158,7 +158,8 @@ def test_skip_warns_once_with_the_log_indices(caplog):
     from megatron_moe_spec.core import layer_specs
 
     config = TransformerConfig(num_layers=4, hidden_size=8, num_attention_heads=2, num_moe_experts=4,
-                               pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+                               moe_ffn_hidden_size=8, pipeline_model_parallel_size=2,
+                               pipeline_dtype=torch.float32)
     layer_specs._WARNED_PAIRS.clear()
     with caplog.at_level("WARNING"):
         for _ in range(3):  # once per model chunk and rank in a real run
