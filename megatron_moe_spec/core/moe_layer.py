@@ -188,7 +188,7 @@ class SpecializationMoELayer(MoELayer):
         if next_stage is not None and transport:
             packed = torch.stack([mass_T.detach().float(), record.valid_T.float(), record.top1_T.float()])
             stage_transport.send(packed, next_stage[1], stage_transport.tag(next_stage[0], backward=False))
-        if spec.metrics and self._metrics_step and self._collect_metrics_now():
+        if self._metrics_pass():
             layer_metrics.update(self.layer_number, record, z_TKF, incoming)
         if self.training and not torch.is_grad_enabled() and spec.cp_coeff > 0 and self._recomputed:
             self._queue_for_recompute(mass_T, record.valid_T, incoming)
@@ -400,5 +400,4 @@ class SpecializationMoELayer(MoELayer):
         recomputed, in the first (no-grad) forward."""
         if not self.training:
             return False
-        recomputed = self.moe_layer_recompute or self.config.recompute_granularity == "full"
-        return torch.is_grad_enabled() != recomputed
+        return torch.is_grad_enabled() != self._recomputed
