@@ -259,6 +259,7 @@ def test_coupling_pairs_e_layers_across_other_layers(megatron_single_process, pa
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_moe_spec.core.hybrid import hybrid_moe_layer_numbers
+    from megatron_moe_spec.core.layer_specs import coupled_layers
 
     settings = SETTINGS.replace(**QUIET)
     coeff = 0.5
@@ -286,6 +287,7 @@ def test_coupling_pairs_e_layers_across_other_layers(megatron_single_process, pa
                         torch.autograd.grad(coeff * value, params, allow_unused=True)))
 
     first, second = hybrid_moe_layer_numbers(pattern)
+    assert coupled_layers(ours.config, hybrid_layer_pattern=pattern) == [first - 1]  # the driver's rule
     logged = tracker["coupling_loss"]
     assert float(logged[first - 1]) == pytest.approx(float(value), rel=1e-5)
     assert float(logged.abs().sum() - logged[first - 1].abs()) == 0.0, logged  # only under the first E
@@ -332,6 +334,8 @@ def test_recompute_matches_no_recompute(megatron_single_process, variant):
     twice = [2, 2, 5] if variant == "full_block_3" else [2, 2, 5, 5]
     assert sorted(calls) == twice, calls  # the recomputed routers ran twice: recomputation is on
     assert lm_r == pytest.approx(lm, rel=1e-6)
+    if spec.cp_coeff > 0:
+        assert float(tracker["coupling_loss"].abs().sum()) > 0  # R_cp is there to compare
     for name in (n for n in NAMES if n in tracker):
         assert torch.allclose(tracker_r[name], tracker[name], rtol=1e-6, atol=1e-9), (name, tracker_r[name], tracker[name])
     scale = max(float(g.abs().max()) for g in grads.values())

@@ -27,6 +27,10 @@ attribute from the layer's input hidden states to its output. ``HybridStack.forw
 layer's output (first element of a tuple) straight to the next layer, so nothing else drops it.
 No global state: the carry belongs to one micro-batch and one pass.
 
+**Recomputation** under ``HybridStack`` (full uniform, full block, selective ``moe``) is exact: the
+same losses and gradients as without (tests/test_hybrid.py::test_recompute_matches_no_recompute);
+``recompute_method: block`` with R_cp is refused by ``check_compatibility``, as for GPT.
+
 **On CPU** megatron's ``hybrid_stack_spec`` uses Transformer Engine modules (and ``HybridStack``
 builds its final norm with ``TENorm``): :func:`local_hybrid_stack_spec` is the same stack for ``*``,
 ``-`` and ``E`` from megatron's local modules (those of its local GPT spec).
@@ -156,8 +160,9 @@ def _check_pattern_against(config, stack_spec: ModuleSpec, pattern: str) -> None
 
 
 def _refuse_pipeline(config) -> None:
-    """Pipeline parallelism with a hybrid pattern is not wired yet (R_cp across ``|`` segments needs
-    core.stage_transport's pairs computed from the pattern)."""
+    """Pipeline parallelism with a hybrid pattern is not wired yet: R_cp across ``|`` segments needs
+    core.stage_transport's owners and pairs computed from the pattern (and ``SpecializationMoELayer.
+    _cross_stage_peers`` reads ``moe_layer_numbers(config)`` without it). Lift this refusal there."""
     pp = getattr(config, "pipeline_model_parallel_size", 1) or 1
     vpp = getattr(config, "virtual_pipeline_model_parallel_size", None) or 1
     if pp > 1 or vpp > 1:
