@@ -111,7 +111,8 @@ def test_assign_splits_gives_every_domain_the_same_share_by_hand():
     assert {s: sorted(d.id for d in again[s]) for s in SPLITS} == {s: sorted(d.id for d in splits[s]) for s in SPLITS}
     assert sorted(cut2) == sorted(cut)
     held = corpus_mod.held_out_order([d for d in docs if d.domain == "prose"])
-    assert [d.id for d in prose_valid] == sorted(d.id for d in held[:5])
+    # the split with the most bytes missing takes the next document: valid and test alternate
+    assert [d.id for d in prose_valid] == sorted(d.id for d in held[0:10:2])
 
 
 def test_balance_tokens_by_hand():

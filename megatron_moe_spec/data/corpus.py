@@ -368,6 +368,9 @@ def head_chunk(text: str, max_bytes: float) -> Tuple[str, str]:
 
 
 HEAD_SUFFIX, TAIL_SUFFIX = "#head", "#tail"
+#: A held-out split takes at most 1/MIN_PIECES of its byte target from one document (when the domain
+#: has enough documents), so it holds several documents or chunks of each domain.
+MIN_PIECES = 4
 
 
 def assign_splits(
@@ -378,13 +381,15 @@ def assign_splits(
     Returns (documents per split, ids of the documents cut into a head and a tail).
 
     For each domain (its UTF-8 bytes B) and each held-out split s (valid, then test) the target is
-    ``B * ratio_s / sum(ratios)`` bytes. The domain's documents are visited in :func:`held_out_order`
-    and taken whole while they fit the target's remainder; the first one that does not fit (or the
-    domain's last document, which is never taken whole) is cut at a line boundary (:func:`head_chunk`):
-    its head (``<id>#head``), a contiguous chunk of the remaining size, goes to s; its tail
-    (``<id>#tail``) stays in train. So a domain with many small documents gives several whole
-    documents, one with few large documents a contiguous chunk of one. Deterministic: a function of the
-    documents' ids and texts. The byte shares are equal per domain; :func:`balance_tokens` then makes
+    ``B * ratio_s / sum(ratios)`` bytes. The domain's documents are visited in :func:`held_out_order`,
+    each going to the held-out split with the most bytes still missing. One that fits a piece (at most
+    1/MIN_PIECES of the target when the domain has at least 2 * MIN_PIECES documents per held-out
+    split, else the whole target) and the remainder is taken whole; a larger one (and the domain's
+    last document, never taken whole) is cut at a line or word boundary (:func:`head_chunk`): its head
+    (``<id>#head``), a contiguous chunk, goes to s, its tail (``<id>#tail``) stays in train. So a
+    domain with many small documents gives several whole documents, one with large documents
+    contiguous chunks of several, one with very few documents one chunk per split. Deterministic: a
+    function of the documents' ids and texts. The byte shares are equal per domain; :func:`balance_tokens` then makes
     the token counts of the held-out splits exactly equal per domain (prepare-data). Output order:
     input order (a cut document in its place).
     """
@@ -399,23 +404,26 @@ def assign_splits(
         group = [d for d in docs if d.domain == domain]
         domain_bytes = sum(len(d.text.encode("utf-8")) for d in group)
         pool = held_out_order(group)
-        for split, ratio in zip(SPLITS[1:], ratios[1:]):
-            need = domain_bytes * ratio / total
-            while need > 0 and pool:
-                d = pool[0]
-                size = len(d.text.encode("utf-8"))
-                if size <= need and len(pool) > 1:
-                    split_of_id[d.id] = split
-                    pool.pop(0)
-                    need -= size
-                    continue
-                head, tail = head_chunk(d.text, need)
-                if tail:
-                    replaced[d.id] = [(split, Document(d.id + HEAD_SUFFIX, domain, head)),
-                                      ("train", Document(d.id + TAIL_SUFFIX, domain, tail))]
-                    cut.append(d.id)
-                    pool.pop(0)
-                break  # the target is reached (a document that can not be cut stays in train)
+        need = {split: domain_bytes * ratio / total for split, ratio in zip(SPLITS[1:], ratios[1:]) if ratio > 0}
+        # pieces of at most 1/MIN_PIECES of a target where the domain has the documents for it
+        many = len(pool) >= 2 * MIN_PIECES * len(need)
+        piece = {split: n / MIN_PIECES if many else n for split, n in need.items()}
+        while pool and any(n > 0 for n in need.values()):
+            split = max((s for s in need if need[s] > 0), key=lambda s: need[s])  # the emptiest first
+            d = pool.pop(0)
+            size = len(d.text.encode("utf-8"))
+            room = min(need[split], piece[split]) if pool else need[split]
+            if size <= room and pool:  # the domain's last document is never held out whole
+                split_of_id[d.id] = split
+                need[split] -= size
+                continue
+            head, tail = head_chunk(d.text, room)
+            if tail:
+                replaced[d.id] = [(split, Document(d.id + HEAD_SUFFIX, domain, head)),
+                                  ("train", Document(d.id + TAIL_SUFFIX, domain, tail))]
+                cut.append(d.id)
+                need[split] -= len(head.encode("utf-8"))
+            # else: a document that can not be cut (one huge word) stays in train
     out: Dict[str, List[Document]] = {s: [] for s in SPLITS}
     for d in docs:
         if d.id in replaced:
