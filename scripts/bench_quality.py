@@ -956,8 +956,8 @@ def main_grid(a) -> int:
         prepare_corpus(a.data, a.quick)
     missing, failed_all = 0, []
     for name in expand_grid(a.grid):
-        try:
-            (_, runs, how), = [x for x in _grid_sections_one(a, name)]
+        try:  # resolved only now: --coef best reads the sweep that the previous iteration may have run
+            runs, how = _grid_runs_now(a, name)
         except ValueError as err:
             print(f"[bench_quality] grid {name}: {err}", file=sys.stderr)
             return 2
@@ -979,9 +979,10 @@ def main_grid(a) -> int:
     return 0
 
 
-def _grid_sections_one(a, name: str):
+def _grid_runs_now(a, name: str):
+    """(runs, how the coefficient was chosen) of grid ``name``; ValueError when --coef best is unknown."""
     coef, how = ({}, "") if name in ("sweep", "baseline") else resolve_coef(a.coef, a.out, a.archs, a.iters)
-    return [(name, grid_runs(name, a.archs, coef, a.filter_seeds, a.filter_variants), how)]
+    return grid_runs(name, a.archs, coef, a.filter_seeds, a.filter_variants), how
 
 
 def main(argv=None) -> int:
