@@ -797,6 +797,8 @@ def plot_sweep(rows: List[dict], path: str) -> None:
                 ax.axhline((BALANCE_GIVES - 1.0) * base["max_vio"]["mean"], color="tab:red", ls="--", lw=1)
             ax.axhline(0.0, color="0.3", lw=0.8)
             ax.set_xscale("log")
+            ax.set_xlim(0.7, 45)
+            ax.minorticks_off()
             ax.set_xticks(list(SWEEP_MULTS), [f"{_fmt_mult(m)}x" for m in SWEEP_MULTS])
             ax.set_title(f"{arch}: {title}", fontsize=9)
             ax.grid(alpha=0.3)
