@@ -942,11 +942,12 @@ def main_grid(a) -> int:
     """--grid: plan, or train grid by grid (the ``best`` coefficient is resolved after the sweep has run),
     rewriting each grid's summary after every finished run."""
     if a.plan or a.dry_run:
-        sections = [(name, plan(a.out, None, None, 0, a.iters, runs)) for name, runs, _ in _grid_sections(a, True)]
+        resolved = _grid_sections(a, True)
+        sections = [(name, plan(a.out, None, None, 0, a.iters, runs)) for name, runs, _ in resolved]
         if a.plan:
-            hows = {name: how for name, _, how in _grid_sections(a, True) if how}
-            for name, how in hows.items():
-                print(f"grid {name}: coefficient = {how}")
+            for name, _, how in resolved:
+                if how:
+                    print(f"grid {name}: coefficient = {how}")
             print(format_plan(sections, a.iters, a.nproc, tuple(a.run_minutes)))
         else:
             for _, entries in sections:
