@@ -82,8 +82,8 @@ def test_aggregate_hand_numbers_missing_and_null_values(tmp_path):
     lines = text.splitlines()
     assert lines[0] == "## T"
     header = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert header == ["arch", "variant", "seeds", "val ppl", "Δ ppl vs lb (paired)", "routing entropy", "top-k mass", "load CV",
-                      "MaxVio", "act. similarity", "pathway NMI", "domain MI", "tokens/s"]
+    assert header == ["arch", "variant", "seeds", "val ppl", "Δ val ppl vs lb [95% CI] (won)", "routing entropy",
+                      "top-k mass", "load CV", "MaxVio", "act. similarity", "pathway NMI", "domain MI", "tokens/s"]
     cells = [c.strip() for c in lines[4].strip("|").split("|")]
     assert cells[:6] == ["A", "lb", "2", f"15.00 ± {math.sqrt(50):.2f}", "–", "–"]
     assert cells[header.index("load CV")] == f"0.400 ± {math.sqrt(0.02):.3f}"
@@ -115,7 +115,9 @@ def test_tail_mean_and_paired_delta_by_hand(tmp_path):
     assert rows[1][bq.DELTA]["std"] == pytest.approx(_std(deltas)) and rows[1]["wins"] == (1, 2)
     assert rows[2][bq.DELTA] is None
     lines = bq.markdown_table(rows).splitlines()
-    assert [c.strip() for c in lines[3].strip("|").split("|")][4] == f"+0.00% ± {_std(deltas):.2f} (1/2)"
+    half = 12.7062047 * _std(deltas) / math.sqrt(2)  # t_{0.975, 1} * s / sqrt(n)
+    assert rows[1][bq.DELTA]["ci_high"] == pytest.approx(half) and not rows[1][bq.DELTA]["shown"]
+    assert [c.strip() for c in lines[3].strip("|").split("|")][4] == f"+0.00% [-{half:.2f}, +{half:.2f}] (1/2)"
     assert [c.strip() for c in lines[4].strip("|").split("|")][4] == "–"
 
     # the plot's per-seed values: the paired differences, none for the baseline and without a baseline
@@ -139,17 +141,23 @@ def test_paired_metric_differences_by_hand(tmp_path):
     assert rows[0]["paired"] is None
     ent, nmi = rows[1]["paired"]["routing_entropy"], rows[1]["paired"]["pathway_nmi"]
     assert ent["mean"] == pytest.approx(-0.075) and ent["std"] == pytest.approx(_std([-0.05, -0.10]))
-    assert ent["agree"] and ent["n"] == 2
+    assert ent["agree"] and ent["n"] == 2 and (ent["below"], ent["above"]) == (2, 0)
+    t1 = 12.7062047  # t_{0.975, 1}
+    sem = _std([-0.05, -0.10]) / math.sqrt(2)  # 0.025
+    assert (ent["ci_low"], ent["ci_high"]) == (pytest.approx(-0.075 - t1 * sem), pytest.approx(-0.075 + t1 * sem))
+    assert not ent["shown"]  # two seeds of one sign, but the interval contains 0
     assert nmi["mean"] == pytest.approx(0.0, abs=1e-12) and not nmi["agree"]  # +0.1 and -0.1
-    assert rows[1]["paired"]["load_cv"] == {"mean": None, "std": None, "n": 0, "agree": False}
+    assert rows[1]["paired"]["load_cv"]["n"] == 0 and rows[1]["paired"]["load_cv"]["mean"] is None
     assert not bq.paired_differences([0.5])["agree"]  # one seed cannot agree with anything
     text = bq.markdown_table(rows)
-    table = text[text.index("### Paired differences against lb"):].splitlines()
+    table = text[text.index("### Routing metrics against lb"):].splitlines()
     header = [c.strip() for c in table[2].strip("|").split("|")]
     cells = [c.strip() for c in table[4].strip("|").split("|")]
     assert cells[:3] == ["A", "lb_cp", "2"]
-    assert cells[header.index("routing entropy")] == f"-0.0750 ± {_std([-0.05, -0.10]):.4f} *"
-    assert cells[header.index("pathway NMI")] == f"+0.0000 ± {_std([0.1, -0.1]):.4f}"
+    lo, hi = ent["ci_low"], ent["ci_high"]
+    assert cells[header.index("routing entropy")] == f"-0.0750 [{lo:+.4f}, {hi:+.4f}]"
+    h = t1 * _std([0.1, -0.1]) / math.sqrt(2)
+    assert cells[header.index("pathway NMI")] == f"+0.0000 [{-h:+.4f}, {h:+.4f}]"
     assert cells[header.index("load CV")] == "–"
 
 
@@ -244,7 +252,7 @@ def test_grid_skips_complete_runs_and_restarts_unfinished(tmp_path, monkeypatch)
 def test_cli_defaults_and_dry_run(tmp_path, capsys):
     a = bq.parse_args(["--out", str(tmp_path)])
     assert (a.variants, a.archs, a.seeds, a.iters, a.nproc) == (list(bq.VARIANTS), list(bq.ARCHS), 3, 300, 2)
-    assert a.table == os.path.join(str(tmp_path), "table.md") and a.data == str(ROOT / "data" / "demo")
+    assert a.table == os.path.join(str(tmp_path), "table.md") and a.data == str(ROOT / "data" / "bench_quality")
     q = bq.parse_args(["--quick", "--out", str(tmp_path), "--seeds", "2"])
     assert (q.variants, q.archs, q.seeds, q.iters, q.nproc) == (list(bq.QUICK_VARIANTS), ["tiny_vanilla"], 2, 10, 1)
     assert bq.main(["--quick", "--out", str(tmp_path), "--dry-run"]) == 0
@@ -263,6 +271,165 @@ def test_aggregate_only_writes_the_table(tmp_path, capsys):
     text = open(os.path.join(out, "table.md")).read()
     assert "| tiny_vanilla | lb | 2 |" in text and "lb_sp" not in text
     assert "2 run(s) of the grid are not complete" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- per domain, issue 13's grids
+def test_per_domain_and_test_perplexity_and_balance_by_hand(tmp_path):
+    """val_ppl/<domain> and test_ppl from the last logged losses; paired per-domain differences in %;
+    "balance gives" when the mean MaxVio is above 1.2 x lb's; the table's per-domain columns."""
+    def run(variant, seed, scale, max_vio):
+        d = str(tmp_path / variant / f"seed_{seed}")
+        _write_metrics(d, [{"step": 5, "val_lm_loss": 9.0, "val_lm_loss/prose": 9.0, "max_vio": 9.0},
+                           {"step": 10, "val_lm_loss": math.log(10 * scale), "val_lm_loss/prose": math.log(8 * scale),
+                            "val_lm_loss/code": math.log(12 * scale), "test_lm_loss": math.log(11 * scale),
+                            "max_vio": max_vio}])
+        return d
+    groups = {("A", "lb"): [run("lb", 1, 1.0, 0.30), run("lb", 2, 2.0, 0.30)],
+              ("A", "lb_sp_cp_x10"): [run("lb_sp_cp_x10", 1, 0.9, 0.40), run("lb_sp_cp_x10", 2, 1.9, 0.40)],
+              ("A", "lb_sp_cp"): [run("lb_sp_cp", 1, 1.0, 0.35), run("lb_sp_cp", 2, 2.0, 0.35)]}
+    rows = bq.aggregate(groups)
+    lb, x10, x1 = rows
+    assert lb["domains"] == ["prose", "code"]
+    assert lb["val_ppl/prose"]["mean"] == pytest.approx(12.0) and lb["val_ppl/code"]["mean"] == pytest.approx(18.0)
+    assert lb["test_ppl"]["mean"] == pytest.approx(16.5)
+    ds = [100 * (0.9 - 1), 100 * (1.9 / 2 - 1)]  # -10%, -5%: the same for every domain and the test split
+    for key in ("val_ppl", "val_ppl/prose", "val_ppl/code", "test_ppl"):
+        assert bq.seed_differences(rows, x10, key) == pytest.approx(ds), key
+        assert x10["paired"][key]["mean"] == pytest.approx(-7.5) and x10["paired"][key]["below"] == 2
+    assert x10["paired"]["max_vio"]["mean"] == pytest.approx(0.10)  # metrics: plain differences
+    assert (lb["balance_gives"], x10["balance_gives"], x1["balance_gives"]) == (None, True, False)  # 0.40 > 0.36
+    assert bq.best_coefficients(rows) == {"A": 10.0}
+    assert bq.findings(rows) == {"best_coefficient": {"A": 10.0}, "balance_gives_from": {"A": 10.0}}
+    text = bq.markdown_table(rows)
+    header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    assert header[5:8] == ["val ppl prose", "val ppl code", "test ppl"]
+    ppl_table = text[text.index("### Perplexity against lb"):].splitlines()
+    cols = [c.strip() for c in ppl_table[2].strip("|").split("|")]
+    assert cols == ["arch", "variant", "seeds", "val", "val prose", "val code", "test", "test prose", "test code",
+                    "balance gives"]
+    cells = [c.strip() for c in ppl_table[4].strip("|").split("|")]
+    assert cells[1] == "lb_sp_cp_x10" and cells[4].startswith("-7.50% [") and cells[4].endswith("(2/2)")
+    assert cells[-1].startswith("yes") and cells[7] == "–"  # no per-domain test loss logged
+
+
+def test_variant_names_and_their_configs():
+    assert bq.variant_name(("sp", "cp"), 1) == "lb_sp_cp" and bq.variant_name(("cp", "sp"), 30) == "lb_sp_cp_x30"
+    assert bq.variant_name(("sp",), 10, 16) == "lb_sp_x10_sub16" and bq.variant_name(("o_v",), 2.5) == "lb_o_v_x2.5"
+    p = bq.parse_variant("lb_sp_cp_x30")
+    assert p["coeffs"] == {"sp_coeff": pytest.approx(6e-2), "cp_coeff": pytest.approx(3e-2), "ortho_coeff": 0.0,
+                           "var_coeff": 0.0} and p["sub"] is None
+    assert bq.parse_variant("lb_o_v_x10")["coeffs"] == {"sp_coeff": 0.0, "cp_coeff": 0.0,
+                                                        "ortho_coeff": pytest.approx(2e-2), "var_coeff": pytest.approx(1e-2)}
+    for bad in ("lb_cp_sp_x3", "lb_sp_sp_x3", "lb_sp_cp", "lb_cp_x3_sub4", "lb_x3", "lb_sp_x3_sub0"):
+        assert bq.parse_variant(bad) is None, bad
+    with pytest.raises(ValueError, match="lb_sp_cp_x30"):
+        bq.check_variant("lb_cp_sp_x3")
+    # the YAMLs that the grammar also names hold the coefficients the grammar gives them
+    for variant, terms, mult in (("lb_sp_cp_x10", ("sp", "cp"), 10), ("lb_sp_cp", ("sp", "cp"), 1),
+                                 ("lb_sp", ("sp",), 1), ("lb_cp", ("cp",), 1), ("lb_o_v", ("o_v",), 1)):
+        coeffs, sub = bq.variant_coefficients(variant)
+        expected = bq.parse_variant(bq.variant_name(terms, mult) if mult != 1 else f"{variant}_x1")["coeffs"]
+        assert coeffs == pytest.approx(expected) and sub is None, variant
+        assert bq.multiplier(variant) == pytest.approx(mult)
+    assert bq.multiplier("lb") is None
+    # generated variants: lb.yaml plus the coefficients; budgets: 1/4 and 1/16 of 4 x 128 tokens
+    configs, sets = bq.variant_args("tiny_vanilla", "lb_sp_x10_sub16")
+    assert configs == [str(ROOT / "configs" / "variants" / "lb.yaml")]
+    assert "specialization.sp_max_tokens=32" in sets and "specialization.sp_coeff=0.02" in sets
+    assert "specialization.sp_max_tokens=128" in bq.variant_args("tiny_deepseek", "lb_sp_x10_sub4")[1]
+    assert bq.micro_batch_tokens("tiny_vanilla") == 512
+
+
+def test_grids_runs_and_their_configs_validate():
+    from megatron_moe_spec.run_config import load_run_config, validate_for_world_size
+
+    coef = {a: 10.0 for a in bq.ARCHS}
+    sizes = {name: len(bq.grid_runs(name, bq.ARCHS, coef)) for name in bq.GRIDS}
+    assert sizes == {"sweep": 30, "seeds5": 30, "ablation": 24, "baseline": 18, "budget": 24}
+    distinct = {r for name in bq.GRIDS for r in bq.grid_runs(name, bq.ARCHS, coef)}
+    assert len(distinct) == 72  # the grids share lb, the sweep's seeds and lb_sp_x10
+    sweep = bq.grid_runs("sweep", bq.ARCHS, {})
+    assert [v for a, v, s in sweep[:5]] == ["lb", "lb_sp_cp", "lb_sp_cp_x3", "lb_sp_cp_x10", "lb_sp_cp_x30"]
+    assert [s for _, _, s in sweep] == sorted(s for _, _, s in sweep)  # seed-major
+    assert {v for _, v, _ in bq.grid_runs("budget", ["tiny_vanilla"], coef)} == {
+        "lb", "lb_sp_x10", "lb_sp_x10_sub4", "lb_sp_x10_sub16"}
+    assert {v for _, v, _ in bq.grid_runs("seeds5", ["tiny_vanilla"], {"tiny_vanilla": 1.0})} == {"lb", "lb_sp_cp"}
+    assert {v for _, v, _ in bq.grid_runs("ablation", ["tiny_vanilla"], {"tiny_vanilla": 3.0})} == {
+        "lb", "lb_sp_x3", "lb_cp_x3", "lb_sp_cp_x3"}
+    assert len(bq.grid_runs("sweep", ["tiny_vanilla"], {}, seeds=2, variants=["lb", "lb_sp_cp_x10"])) == 4
+    with pytest.raises(ValueError, match="--coef"):
+        bq.grid_runs("ablation", ["tiny_vanilla"], {})
+    for arch, variant in sorted({(a, v) for a, v, _ in distinct}):
+        cmd = bq.train_command(arch, variant, 1234, 1000, 2, "/d", "/o/r", python="PY", master_port=1)
+        train = cmd[cmd.index("train") + 1:]
+        configs = [x for x in train[:2] if x.endswith(".yaml")]
+        sets = [train[i + 1] for i, x in enumerate(train) if x == "--set"]
+        cfg = load_run_config(configs, sets, check_paths=False)
+        validate_for_world_size(cfg, 2)
+        coeffs, sub = bq.variant_coefficients(variant)
+        assert cfg.specialization.sp_coeff == pytest.approx(coeffs["sp_coeff"]), (arch, variant)
+        assert cfg.specialization.var_coeff == pytest.approx(coeffs["var_coeff"]), (arch, variant)
+        assert cfg.specialization.sp_max_tokens == (512 // sub if sub else None), (arch, variant)
+
+
+def _fake_trainer(calls):
+    def fake_run(cmd, cwd, env, stdout, stderr):  # "trains": the final record, with domains and test
+        rdir = next(a for a in cmd if a.startswith("logging.run_dir=")).split("=", 1)[1]
+        calls.append(rdir)
+        seed, variant = int(rdir.rsplit("_", 1)[1]), rdir.split(os.sep)[-2]
+        better = 0.002 * (bq.multiplier(variant) or 0.0) * (1 + (seed % 2))  # larger coefficients "better"
+        _write_metrics(rdir, [{"step": 10, "val_lm_loss": 3.0 - better + 0.1 * (seed - 1234),
+                               "val_lm_loss/prose": 2.5 - better, "val_lm_loss/code": 3.5 - better,
+                               "test_lm_loss": 3.1 - better, "max_vio": 0.3 + better}])
+        return subprocess.CompletedProcess(cmd, 0)
+    return fake_run
+
+
+def test_grid_plan_estimate_and_resume(tmp_path, monkeypatch, capsys):
+    """--plan lists the runs and the time; the grid writes its summary after every finished run, skips
+    complete runs when run again, and --coef best follows the sweep's runs."""
+    out, table = str(tmp_path / "out"), str(tmp_path / "res" / "sweep.md")
+    common = ["--grid", "sweep", "--archs", "tiny_vanilla", "--variants", "lb", "lb_sp_cp_x10", "lb_sp_cp_x30",
+              "--seeds", "2", "--iters", "10", "--out", out, "--table", table, "--no-plot", "--nproc", "1"]
+    assert bq.main(common + ["--plan", "--run-minutes", "2", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "grid sweep: 6 runs of 10 steps" in text and text.count("to train ") == 6
+    assert "estimated training time 0 min - 0 min" in text  # 6 x 10 steps x 2-4 min / 1000 steps
+    assert bq.estimate_minutes(6, 1000, (2.5, 3.0)) == (15.0, 18.0) and bq._hm(75) == "1 h 15 min"
+
+    calls, writes = [], []
+    monkeypatch.setattr(bq.subprocess, "run", _fake_trainer(calls))
+    monkeypatch.setattr(bq, "prepare_corpus", lambda *a, **k: None)
+    real_write = bq.write_table
+    monkeypatch.setattr(bq, "write_table", lambda rows, path, *a: writes.append(len(rows)) or real_write(rows, path, *a))
+    assert bq.main(common) == 0
+    assert len(calls) == 6 and len(writes) == 7  # after each run, and once at the end
+    data = json.load(open(str(tmp_path / "res" / "sweep.json")))
+    assert data["meta"]["grid"] == "sweep" and data["meta"]["runs_complete"] == 6
+    assert data["meta"]["findings"]["best_coefficient"] == {"tiny_vanilla": 30.0}
+    x30 = next(r for r in data["rows"] if r["variant"] == "lb_sp_cp_x30")
+    assert x30["paired"]["val_ppl"]["ci_low"] is not None and x30["paired"]["val_ppl/prose"]["n"] == 2
+    md = open(table).read()
+    assert "val ppl prose" in md and "test ppl" in md and "[95% CI]" in md and "SMOKE RUN" in md
+
+    calls.clear()
+    assert bq.main(common) == 0 and calls == []  # resumed: everything complete, nothing trains
+    capsys.readouterr()
+    assert bq.main(common + ["--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "6 complete, 0 to train" in text and "to train  " not in text and "estimated training time 0 min" in text
+    # --coef best: the sweep's best in --out, per arch; an unknown one is an error naming the fix
+    coef, how = bq.resolve_coef("best", out, ["tiny_vanilla"], 10)
+    assert coef == {"tiny_vanilla": 30.0} and how == "the sweep's best"
+    with pytest.raises(ValueError, match="run --grid sweep first"):
+        bq.resolve_coef("best", out, ["tiny_deepseek"], 10)
+    assert bq.resolve_coef("best", out, ["tiny_deepseek"], 10, for_plan=True)[0] == {"tiny_deepseek": 10.0}
+    assert bq.resolve_coef("3", out, ["tiny_deepseek"], 10)[0] == {"tiny_deepseek": 3.0}
+    calls.clear()
+    abl = ["--grid", "ablation", "--archs", "tiny_vanilla", "--seeds", "2", "--iters", "10", "--out", out,
+           "--table", str(tmp_path / "res" / "abl.md"), "--no-plot", "--nproc", "1"]
+    assert bq.main(abl) == 0
+    assert sorted({c.split(os.sep)[-2] for c in calls}) == ["lb_cp_x30", "lb_sp_x30"]  # lb, x30: reused
 
 
 # ----------------------------------------------------------------------------- end to end (slow)

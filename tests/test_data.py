@@ -13,7 +13,7 @@ import torch
 
 from megatron_moe_spec.commands import prepare_data
 from megatron_moe_spec.data import corpus as corpus_mod
-from megatron_moe_spec.data.corpus import DOMAINS, SPLITS, read_jsonl, split_of
+from megatron_moe_spec.data.corpus import DOMAINS, SPLITS, read_jsonl
 from megatron_moe_spec.data.datasets import build_datasets, build_mock_datasets
 from megatron_moe_spec.data.indexed import corpus_prefix, domains_path, load_domains, split_prefix
 from megatron_moe_spec.data.tokenizer import EOD_TOKEN, MockTokenizer, SpecTokenizer, load_tokenizer
@@ -70,26 +70,76 @@ def test_manifest_records_versions_and_checksums(tiny, manifest):
     assert prepare_data.verify_files(tiny, manifest) is None
 
 
-def test_split_by_document_without_overlap(tiny, manifest):
+def test_split_without_overlap(tiny, manifest):
+    """No document in two splits; only the documents the manifest names as cut have a head held out and
+    their tail in train."""
     ids = {s: [d.id for d in _docs(tiny, s)] for s in SPLITS}
     for s in SPLITS:
         assert len(ids[s]) == len(set(ids[s])) and ids[s]
     assert not set(ids["train"]) & set(ids["valid"])
     assert not set(ids["train"]) & set(ids["test"])
     assert not set(ids["valid"]) & set(ids["test"])
-    # the split is a function of the document id (except the documents moved to fill a tiny split)
-    moved = set(manifest["corpus"]["moved_to_fill_splits"])
-    ratios = manifest["key"]["settings"]["split"]
-    for s in SPLITS:
-        for doc_id in ids[s]:
-            if doc_id not in moved:
-                assert split_of(doc_id, ratios) == s
-    # over the full corpus' ids the hash split follows the default ratios 96/2/2 in every domain
-    cands = corpus_mod.collect_candidates()
-    for domain in DOMAINS:
-        ids_d = [c.id for c in cands if c.domain == domain]
-        share = {s: sum(split_of(i, (96, 2, 2)) == s for i in ids_d) / len(ids_d) for s in SPLITS}
-        assert share["train"] > 0.9 and 0.003 < share["valid"] < 0.05 and 0.003 < share["test"] < 0.05
+    source = {s: {i.split("#")[0] for i in ids[s]} for s in SPLITS}
+    cut = set(manifest["corpus"]["cut_documents"])
+    assert (source["train"] & (source["valid"] | source["test"])) == cut
+    assert not source["valid"] & source["test"]
+    for i in cut:
+        assert i + "#tail" in ids["train"] and (i + "#head" in ids["valid"]) != (i + "#head" in ids["test"])
+
+
+def _doc(i, domain, nbytes, line=40):
+    text = ("x" * (line - 1) + "\n") * (nbytes // line)
+    return corpus_mod.Document(f"{domain}/{i:03d}", domain, text)
+
+
+def test_assign_splits_gives_every_domain_the_same_share_by_hand():
+    """Many small documents (whole ones held out) and few large ones (a contiguous chunk held out):
+    each held-out split gets ratio * domain bytes of every domain, within one line."""
+    docs = [_doc(i, "prose", 400) for i in range(100)] + [_doc(i, "code", 20_000) for i in range(2)]
+    splits, cut = corpus_mod.assign_splits(docs, (90, 5, 5))
+    nbytes = lambda ds, dom: sum(len(d.text.encode()) for d in ds if d.domain == dom)  # noqa: E731
+    for dom, total in (("prose", 40_000), ("code", 40_000)):
+        for s in ("valid", "test"):
+            assert total * 0.05 - 400 < nbytes(splits[s], dom) <= total * 0.05, (dom, s)
+        assert sum(nbytes(splits[s], dom) for s in SPLITS) == total  # nothing lost
+    prose_valid = [d for d in splits["valid"] if d.domain == "prose"]
+    assert len(prose_valid) == 5 and all("#" not in d.id for d in prose_valid)  # 5 whole documents
+    assert [d.id for d in splits["valid"] if d.domain == "code"] == ["code/%03d#head" % int(cut[0][-3:])]
+    assert len(cut) == 2 and all(c.startswith("code/") for c in cut)  # one code document per held-out split
+    # order of the input does not matter; the held-out choice follows the id hash
+    again, cut2 = corpus_mod.assign_splits(list(reversed(docs)), (90, 5, 5))
+    assert {s: sorted(d.id for d in again[s]) for s in SPLITS} == {s: sorted(d.id for d in splits[s]) for s in SPLITS}
+    assert sorted(cut2) == sorted(cut)
+    held = corpus_mod.held_out_order([d for d in docs if d.domain == "prose"])
+    # the split with the most bytes missing takes the next document: valid and test alternate
+    assert [d.id for d in prose_valid] == sorted(d.id for d in held[0:10:2])
+
+
+def test_balance_tokens_by_hand():
+    docs = [("a", [5, 6, 7, 0]), ("b", [8, 0]), ("a", [9, 9, 0]), ("b", [1, 2, 3, 4, 0]), ("a", [3, 0])]
+    assert corpus_mod.balance_tokens(docs, 6, eod=0) == [("a", [5, 6, 7, 0]), ("b", [8, 0]), ("a", [9, 0]),
+                                                         ("b", [1, 2, 3, 0])]
+    assert corpus_mod.balance_tokens(docs, 5, eod=0) == [("a", [5, 6, 7, 0]), ("b", [8, 0]), ("a", [0]),
+                                                         ("b", [1, 2, 0])]
+
+
+def test_held_out_splits_have_equal_tokens_per_domain(tiny, manifest):
+    """valid and test hold exactly the same number of tokens of every domain, read back from the .bin/.idx
+    and the domain sidecar (not only from the manifest)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    per = manifest["held_out_tokens_per_domain"]
+    assert per > 1000
+    for s in ("valid", "test"):
+        prefix = split_prefix(corpus_prefix(tiny), s)
+        dataset = IndexedDataset(prefix)  # keep it alive: sequence_lengths is a view of its mmap
+        lengths = numpy.array(dataset.sequence_lengths)
+        doms = load_domains(prefix, len(lengths))
+        counts = [int(lengths[doms == d].sum()) for d in range(len(DOMAINS))]
+        assert counts == [per] * len(DOMAINS), (s, counts)
+        assert {d: v["tokens"] for d, v in manifest["indexed"][s]["per_domain"].items()} == dict.fromkeys(DOMAINS, per)
+    train = manifest["indexed"]["train"]["per_domain"]
+    assert all(train[d]["tokens"] > per for d in DOMAINS)
 
 
 def test_every_domain_in_every_split(tiny, manifest):
@@ -117,7 +167,7 @@ def test_full_sources_enumerate():
 def test_caps_limit_documents_and_bytes(tiny, manifest):
     stats = manifest["corpus"]["stats"]
     for domain in DOMAINS:
-        n = sum(stats[s].get(domain, {}).get("documents", 0) for s in SPLITS)
+        n = len({d.id.split("#")[0] for s in SPLITS for d in _docs(tiny, s) if d.domain == domain})  # pieces of cut documents count once
         b = sum(stats[s].get(domain, {}).get("bytes", 0) for s in SPLITS)
         assert 3 <= n <= prepare_data.TINY["max_docs_per_domain"]
         assert b <= prepare_data.TINY["max_bytes_per_domain"]
@@ -151,19 +201,23 @@ def test_tokenizer_compresses_train_text(tiny, manifest):
 
 
 # ------------------------------------------------------------------------------------------------ indexed
-def test_indexed_dataset_equals_tokenized_documents(tiny):
+def test_indexed_dataset_equals_tokenized_documents(tiny, manifest):
+    """train: every document tokenized + EOD; valid/test: the same, cut to the balanced token count per
+    domain (``balance_tokens``, checked by hand above)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     tok = load_tokenizer(tiny)
     for s in SPLITS:
-        docs = _docs(tiny, s)
+        expected = [(d.domain, tok.tokenize(d.text) + [tok.eod]) for d in _docs(tiny, s)]
+        if s != "train":
+            expected = corpus_mod.balance_tokens(expected, manifest["held_out_tokens_per_domain"], tok.eod)
         prefix = split_prefix(corpus_prefix(tiny), s)
         ds = IndexedDataset(prefix)
-        assert len(ds) == len(docs) and ds.index.dtype == numpy.uint16
-        for i, doc in enumerate(docs):
-            assert ds[i].tolist() == tok.tokenize(doc.text) + [tok.eod]
+        assert len(ds) == len(expected) and ds.index.dtype == numpy.uint16
+        for i, (_, ids) in enumerate(expected):
+            assert ds[i].tolist() == ids
         domains = load_domains(prefix, len(ds))
-        assert domains.tolist() == [DOMAINS.index(d.domain) for d in docs]
+        assert domains.tolist() == [DOMAINS.index(d) for d, _ in expected]
     with open(os.path.join(os.path.dirname(corpus_prefix(tiny)), "domains.json")) as f:
         assert json.load(f)["domains"] == list(DOMAINS)
 

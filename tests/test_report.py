@@ -295,6 +295,26 @@ def test_minimal_metrics_only(tmp_path, capsys):
     assert sorted(os.listdir(run_dir / "report")) == ["loss_curves.png", "report.html"]
 
 
+def test_summary_shows_per_domain_and_test_perplexity(tmp_path):
+    """val ppl overall and per domain (exp of the logged losses, last and minimum), the final test loss
+    and test ppl; rows only for the keys a run logs."""
+    run_dir = tmp_path / "dom"
+    run_dir.mkdir()
+    recs = [{"step": 5, "lm_loss": 4.0, "val_lm_loss": 3.0, "val_lm_loss/prose": 2.0, "val_lm_loss/code": 4.0},
+            {"step": 10, "lm_loss": 3.5, "val_lm_loss": 3.2, "val_lm_loss/prose": 1.5, "val_lm_loss/code": 4.9,
+             "test_lm_loss": 3.3, "test_lm_loss/prose": 1.7}]
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    assert report_cmd.main([str(run_dir)]) == 0
+    html = open(run_dir / "report" / "report.html").read()
+    assert summary_cell(html, "dom", "val_ppl", "last") == pytest.approx(math.exp(3.2), rel=1e-3)
+    assert summary_cell(html, "dom", "val_ppl", "min") == pytest.approx(math.exp(3.0), rel=1e-3)
+    assert summary_cell(html, "dom", "val_ppl/prose", "last") == pytest.approx(math.exp(1.5), rel=1e-3)
+    assert summary_cell(html, "dom", "val_ppl/code", "min") == pytest.approx(math.exp(4.0), rel=1e-3)
+    assert summary_cell(html, "dom", "test_lm_loss", "last") == 3.3
+    assert summary_cell(html, "dom", "test_ppl/prose", "last") == pytest.approx(math.exp(1.7), rel=1e-3)
+    assert 'data-metric="test_ppl/code"' not in html and "perplexity (validation, prose)" in html
+
+
 # ---------------------------------------------------------------------- errors and options
 def test_missing_run_dir_exit_code_2(tmp_path, capsys):
     missing = str(tmp_path / "nope")

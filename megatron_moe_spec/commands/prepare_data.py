@@ -6,7 +6,8 @@ Writes ``OUTPUT/``::
     corpus/{train,valid,test}.jsonl    {"id", "domain", "text"} per document
     tokenizer/tokenizer.json           byte-level BPE (HF tokenizers)
     indexed/domains.json               {"domains": ["prose", "code", "technical"]}
-    indexed/corpus_{split}_text_document.{bin,idx}      megatron-core indexed datasets (+EOD per doc)
+    indexed/corpus_{split}_text_document.{bin,idx}      megatron-core indexed datasets (+EOD per doc);
+                                       valid and test hold the same number of tokens of every domain
     indexed/corpus_{split}_text_document_domains.npy    domain id per document (int16)
 
 Idempotent: when ``OUTPUT/manifest.json`` records the same settings and source versions and every file
@@ -49,11 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bytes-per-domain", type=int, default=None, metavar="B",
                         help="keep at most B UTF-8 bytes of text per domain (default: all)")
     parser.add_argument("--split", default=None,
-                        help="train,valid,test weights of the document split "
+                        help="train,valid,test weights: valid and test each get this share of every "
+                             "domain's bytes, then the same token count per domain "
                              f"(default {FULL['split']}, --tiny {TINY['split']})")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the document choice under the caps (the split itself depends "
-                             "only on document ids)")
+                             "only on the chosen documents)")
     parser.add_argument("--tiny", action="store_true",
                         help=f"a small corpus for tests and demos (seconds): "
                              f"{TINY['max_docs_per_domain']} docs / {TINY['max_bytes_per_domain']} bytes "
@@ -140,6 +142,20 @@ def verify_files(out: str, manifest: dict) -> Optional[str]:
     return None
 
 
+def held_out_tokens_per_domain(corpus_dir: str, tokenizer) -> int:
+    """The token count (EODs included) that every domain gets in valid and in test: the smallest
+    per-domain count of the held-out splits that have documents (the others are cut to it)."""
+    from megatron_moe_spec.data.corpus import SPLITS, read_jsonl
+
+    counts = []
+    for split in SPLITS[1:]:
+        per: dict = {}
+        for doc in read_jsonl(os.path.join(corpus_dir, f"{split}.jsonl")):
+            per[doc.domain] = per.get(doc.domain, 0) + len(tokenizer.tokenize(doc.text)) + 1
+        counts += list(per.values())
+    return min(counts) if counts else 0
+
+
 def build(out_dir: str, settings: dict, log=print) -> dict:
     """Build everything into ``out_dir`` (an empty folder) and return the manifest (also written)."""
     from megatron_moe_spec.data.corpus import DOMAINS, SPLITS, build_corpus, read_jsonl, sha256_file
@@ -169,11 +185,14 @@ def build(out_dir: str, settings: dict, log=print) -> dict:
     prefix = corpus_prefix(out_dir)
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     write_domain_names(os.path.dirname(prefix), DOMAINS)
+    balanced = held_out_tokens_per_domain(corpus_dir, tok)
+    log(f"[prepare-data] held-out splits: {balanced} tokens per domain each")
     indexed = {}
     for split in SPLITS:
         log(f"[prepare-data] indexed: tokenizing the {split} split")
         stats = write_indexed_dataset(
-            read_jsonl(os.path.join(corpus_dir, f"{split}.jsonl")), tok, split_prefix(prefix, split), DOMAINS
+            read_jsonl(os.path.join(corpus_dir, f"{split}.jsonl")), tok, split_prefix(prefix, split), DOMAINS,
+            max_tokens_per_domain=None if split == "train" else balanced,
         )
         indexed[split] = {
             "prefix": os.path.relpath(split_prefix(prefix, split), out_dir),
@@ -196,7 +215,8 @@ def build(out_dir: str, settings: dict, log=print) -> dict:
         "timings": timings,
         "domains": list(DOMAINS),
         "corpus_prefix": os.path.relpath(prefix, out_dir),
-        "corpus": {"stats": corpus["stats"], "moved_to_fill_splits": corpus["moved_to_fill_splits"]},
+        "corpus": {"stats": corpus["stats"], "cut_documents": corpus["cut_documents"]},
+        "held_out_tokens_per_domain": balanced,
         "tokenizer": tokenizer_summary(tok),
         "indexed": indexed,
         "files": dict(sorted(files.items())),

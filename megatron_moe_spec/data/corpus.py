@@ -13,8 +13,10 @@ Domains (ids are the positions in ``DOMAINS``):
   documentation that the stdlib ships in ``pydoc_data.topics`` (one document per topic).
 
 Everything is deterministic: sources are enumerated in sorted order, optional caps select documents in
-the order of a seeded hash of their ids, and the train/valid/test split of a document is a function of
-its id only (SHA-256), so it does not move when caps or the seed change.
+the order of a seeded hash of their ids, and the split (``assign_splits``) holds out the same share of
+every domain's bytes for valid and test, visiting documents in the order of SHA-256 of their ids and
+cutting one document at a line boundary where whole documents do not fit; prepare-data then cuts the
+held-out splits to the same token count per domain (``balance_tokens``).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 DOMAINS: Tuple[str, ...] = ("prose", "code", "technical")
 SPLITS: Tuple[str, ...] = ("train", "valid", "test")
 # Bump when the documents produced from the same sources change, so that old builds are not reused.
-CORPUS_FORMAT_VERSION = 1
+CORPUS_FORMAT_VERSION = 2  # 2: the held-out splits are balanced per domain (assign_splits)
 DATA_EXTRA_HINT = "pip install 'megatron-moe-spec[data]'"
 
 _EXCLUDED_DIRS = frozenset(
@@ -320,7 +322,8 @@ def select_documents(
 
 
 def split_of(doc_id: str, ratios: Sequence[float]) -> str:
-    """train/valid/test of a document from SHA-256 of its id alone (stable under caps and seeds)."""
+    """train/valid/test of a document from SHA-256 of its id alone (the split of CORPUS_FORMAT_VERSION 1;
+    kept for reference: :func:`assign_splits` now balances the held-out splits per domain)."""
     total = float(sum(ratios))
     u = _unit_hash(f"split:{doc_id}")
     acc = 0.0
@@ -331,33 +334,124 @@ def split_of(doc_id: str, ratios: Sequence[float]) -> str:
     return SPLITS[-1]
 
 
+def held_out_order(docs: Sequence[Document]) -> List[Document]:
+    """The order in which a domain's documents are held out: SHA-256 of the id alone (stable under caps,
+    seeds and the other documents)."""
+    return sorted(docs, key=lambda d: (_unit_hash(f"split:{d.id}"), d.id))
+
+
+def head_chunk(text: str, max_bytes: float) -> Tuple[str, str]:
+    """(head, rest) of ``text``: the longest run of whole leading lines of at most ``max_bytes`` UTF-8
+    bytes, then, from the line that does not fit, its longest prefix that fits and ends at a space
+    (so a long paragraph is cut between words); at least one word. ``rest`` is "" when the head is the
+    whole text."""
+    lines = text.splitlines(keepends=True)
+    n = size = 0
+    for line in lines:
+        b = len(line.encode("utf-8"))
+        if size + b > max_bytes:
+            break
+        size += b
+        n += 1
+    head = "".join(lines[:n])
+    if n < len(lines):
+        line = lines[n]
+        room = max(int(max_bytes) - size, 0)
+        part = line.encode("utf-8")[:room].decode("utf-8", errors="ignore")
+        cut = part.rfind(" ")
+        if cut > 0:
+            head += line[: cut + 1]
+        elif not head:  # not even one word fits: the first word (or the whole line)
+            first = line.find(" ")
+            head = line[: first + 1] if first > 0 else line
+    return head, text[len(head):]
+
+
+HEAD_SUFFIX, TAIL_SUFFIX = "#head", "#tail"
+#: A held-out split takes at most 1/MIN_PIECES of its byte target from one document (when the domain
+#: has enough documents), so it holds several documents or chunks of each domain.
+MIN_PIECES = 4
+
+
 def assign_splits(
     docs: Sequence[Document], ratios: Sequence[float]
 ) -> Tuple[Dict[str, List[Document]], List[str]]:
-    """Split by document. Returns (documents per split in input order, ids moved to fill a split).
+    """Split per domain so that each held-out split gets the same share of every domain's bytes.
 
-    With few documents a split with a non-zero ratio can end up without any document of a domain. Then
-    (per domain with at least 3 documents) the train document with the largest split hash, i.e. the one
-    closest to the valid/test ranges, is moved there. Deterministic, and it only happens for tiny
-    corpora (the full build moves nothing).
+    Returns (documents per split, ids of the documents cut into a head and a tail).
+
+    For each domain (its UTF-8 bytes B) and each held-out split s (valid, then test) the target is
+    ``B * ratio_s / sum(ratios)`` bytes. The domain's documents are visited in :func:`held_out_order`,
+    each going to the held-out split with the most bytes still missing. One that fits a piece (at most
+    1/MIN_PIECES of the target when the domain has at least 2 * MIN_PIECES documents per held-out
+    split, else the whole target) and the remainder is taken whole; a larger one (and the domain's
+    last document, never taken whole) is cut at a line or word boundary (:func:`head_chunk`): its head
+    (``<id>#head``), a contiguous chunk, goes to s, its tail (``<id>#tail``) stays in train. So a
+    domain with many small documents gives several whole documents, one with large documents
+    contiguous chunks of several, one with very few documents one chunk per split. Deterministic: a
+    function of the documents' ids and texts. The byte shares are equal per domain; :func:`balance_tokens` then makes
+    the token counts of the held-out splits exactly equal per domain (prepare-data). Output order:
+    input order (a cut document in its place).
     """
-    assignment = {d.id: split_of(d.id, ratios) for d in docs}
-    moved = []
-    for domain in sorted({d.domain for d in docs}):
+    if len(ratios) != len(SPLITS) or any(r < 0 for r in ratios) or ratios[0] <= 0:
+        raise ValueError(f"split ratios must be three non-negative weights with train > 0, got {list(ratios)}")
+    total = float(sum(ratios))
+    split_of_id: Dict[str, str] = {}
+    replaced: Dict[str, List[Tuple[str, Document]]] = {}  # source id -> [(split, piece)]
+    cut: List[str] = []
+    domains = list(dict.fromkeys(d.domain for d in docs))
+    for domain in domains:
         group = [d for d in docs if d.domain == domain]
-        if len(group) < 3:
+        domain_bytes = sum(len(d.text.encode("utf-8")) for d in group)
+        pool = held_out_order(group)
+        need = {split: domain_bytes * ratio / total for split, ratio in zip(SPLITS[1:], ratios[1:]) if ratio > 0}
+        # pieces of at most 1/MIN_PIECES of a target where the domain has the documents for it
+        many = len(pool) >= 2 * MIN_PIECES * len(need)
+        piece = {split: n / MIN_PIECES if many else n for split, n in need.items()}
+        while pool and any(n > 0 for n in need.values()):
+            split = max((s for s in need if need[s] > 0), key=lambda s: need[s])  # the emptiest first
+            d = pool.pop(0)
+            size = len(d.text.encode("utf-8"))
+            room = min(need[split], piece[split]) if pool else need[split]
+            if size <= room and pool:  # the domain's last document is never held out whole
+                split_of_id[d.id] = split
+                need[split] -= size
+                continue
+            head, tail = head_chunk(d.text, room)
+            if tail:
+                replaced[d.id] = [(split, Document(d.id + HEAD_SUFFIX, domain, head)),
+                                  ("train", Document(d.id + TAIL_SUFFIX, domain, tail))]
+                cut.append(d.id)
+                need[split] -= len(head.encode("utf-8"))
+            # else: a document that can not be cut (one huge word) stays in train
+    out: Dict[str, List[Document]] = {s: [] for s in SPLITS}
+    for d in docs:
+        if d.id in replaced:
+            for split, piece in replaced[d.id]:
+                out[split].append(piece)
+        else:
+            out[split_of_id.get(d.id, "train")].append(d)
+    return out, cut
+
+
+def balance_tokens(token_docs: Sequence[Tuple[str, Sequence[int]]], max_tokens_per_domain: int, eod: int
+                   ) -> List[Tuple[str, List[int]]]:
+    """Cut a held-out split to exactly ``max_tokens_per_domain`` tokens per domain (fewer only where a
+    domain has fewer). ``token_docs``: (domain, token ids with the EOD last) per document, in order. Each
+    domain keeps its documents in order until the budget; the one that crosses it keeps its first
+    ``remaining - 1`` tokens plus the EOD; later ones are dropped."""
+    left: Dict[str, int] = {}
+    out: List[Tuple[str, List[int]]] = []
+    for domain, ids in token_docs:
+        budget = left.setdefault(domain, int(max_tokens_per_domain))
+        if budget <= 0:
             continue
-        for split, ratio in zip(SPLITS[1:], ratios[1:]):
-            if ratio <= 0 or any(assignment[d.id] == split for d in group):
-                continue
-            train = [d for d in group if assignment[d.id] == "train"]
-            if len(train) <= 1:
-                continue
-            pick = max(train, key=lambda d: _unit_hash(f"split:{d.id}"))
-            assignment[pick.id] = split
-            moved.append(pick.id)
-    out = {s: [d for d in docs if assignment[d.id] == s] for s in SPLITS}
-    return out, moved
+        ids = list(ids)
+        if len(ids) > budget:
+            ids = ids[: budget - 1] + [eod]
+        left[domain] = budget - len(ids)
+        out.append((domain, ids))
+    return out
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -397,12 +491,12 @@ def build_corpus(
 ) -> dict:
     """Write ``out_dir/{train,valid,test}.jsonl`` (one JSON object per document: id, domain, text).
 
-    Returns a summary (documents and UTF-8 bytes per split and domain, moved ids, sources) that the
+    Returns a summary (documents and UTF-8 bytes per split and domain, the ids of the documents cut by the split, sources) that the
     prepare command puts into the manifest.
     """
     os.makedirs(out_dir, exist_ok=True)
     docs = select_documents(collect_candidates(domains), max_docs_per_domain, max_bytes_per_domain, seed)
-    splits, moved = assign_splits(docs, split_ratios)
+    splits, cut = assign_splits(docs, split_ratios)
     stats: Dict[str, Dict[str, Dict[str, int]]] = {}
     for split in SPLITS:
         write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), splits[split])
@@ -411,7 +505,7 @@ def build_corpus(
             s = per.setdefault(d.domain, {"documents": 0, "bytes": 0})
             s["documents"] += 1
             s["bytes"] += len(d.text.encode("utf-8"))
-    return {"domains": list(domains), "stats": stats, "moved_to_fill_splits": moved,
+    return {"domains": list(domains), "stats": stats, "cut_documents": cut,
             "sources": source_versions()}
 
 

@@ -45,11 +45,16 @@ def write_indexed_dataset(
     dataset_prefix: str,
     domain_names: Sequence[str],
     batch_size: int = 512,
+    max_tokens_per_domain: Optional[int] = None,
 ) -> Dict[str, Dict[str, int]]:
     """Tokenize ``docs`` (+EOD each) into ``dataset_prefix.{bin,idx}`` and the domain sidecar.
 
+    ``max_tokens_per_domain``: keep exactly that many tokens of each domain (``corpus.balance_tokens``:
+    documents in order, the one crossing the budget cut and ended with EOD, later ones dropped).
     Returns ``{domain: {"documents": n, "tokens": t}}`` (tokens include the EODs).
     """
+    from .corpus import balance_tokens
+
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     os.makedirs(os.path.dirname(os.path.abspath(dataset_prefix)), exist_ok=True)
@@ -59,12 +64,24 @@ def write_indexed_dataset(
     stats: Dict[str, Dict[str, int]] = {}
     encode = getattr(tokenizer, "tokenize_batch", None) or (lambda ts: [tokenizer.tokenize(t) for t in ts])
 
+    left: Dict[str, int] = {}
+
     def flush(batch: List[Document]) -> None:
-        for doc, ids in zip(batch, encode([d.text for d in batch])):
-            arr = numpy.asarray(list(ids) + [tokenizer.eod], dtype=dtype)
+        token_docs = [(doc.domain, list(ids) + [tokenizer.eod])
+                      for doc, ids in zip(batch, encode([d.text for d in batch]))]
+        if max_tokens_per_domain is not None:  # each domain's budget carries over between batches
+            kept = []
+            for domain, ids in token_docs:
+                budget = left.setdefault(domain, int(max_tokens_per_domain))
+                for _, cut in balance_tokens([(domain, ids)], budget, tokenizer.eod):
+                    kept.append((domain, cut))
+                    left[domain] = budget - len(cut)
+            token_docs = kept
+        for domain, ids in token_docs:
+            arr = numpy.asarray(ids, dtype=dtype)
             builder.add_document(arr, [arr.size])
-            domains.append(domain_names.index(doc.domain))
-            s = stats.setdefault(doc.domain, {"documents": 0, "tokens": 0})
+            domains.append(domain_names.index(domain))
+            s = stats.setdefault(domain, {"documents": 0, "tokens": 0})
             s["documents"] += 1
             s["tokens"] += int(arr.size)
 

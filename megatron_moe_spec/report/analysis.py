@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -89,6 +89,8 @@ class SummaryRow:
     key: str
     label: str
     better: str  # "low", "high" or "" (no preferred direction)
+    source: Optional[str] = None
+    """The metrics.jsonl key the row is computed from, with ``exp`` applied (perplexities); None: ``key``."""
 
 
 #: The rows of the summary table, in order; a row is shown when at least one run logs it.
@@ -159,13 +161,39 @@ def spread_layers(layers: Sequence[int], k: int) -> List[int]:
     return [layers[i] for i in idx]
 
 
+def perplexity_rows(runs) -> List[SummaryRow]:
+    """Validation perplexity (the mean over domains of each domain's loss, exponentiated), per domain
+    (``val_lm_loss/<domain>``), and the same for the test split, for the keys some run logs."""
+    rows = []
+    for split, label in (("val", "validation"), ("test", "test")):
+        loss = f"{split}_lm_loss"
+        domains: Dict[str, None] = {}
+        for run in runs:
+            for rec in run.metrics:
+                for key in rec:
+                    if key.startswith(loss + "/"):
+                        domains.setdefault(key.split("/", 1)[1])
+        rows.append(SummaryRow(f"{split}_ppl", f"perplexity ({label})", "low", source=loss))
+        rows += [SummaryRow(f"{split}_ppl/{d}", f"perplexity ({label}, {d})", "low", source=f"{loss}/{d}")
+                 for d in domains]
+    return rows
+
+
 def summary(runs) -> List[Tuple[SummaryRow, List[Optional[Stat]]]]:
-    """[(row, [Stat or None per run])] for every row that at least one run logs."""
+    """[(row, [Stat or None per run])] for every row that at least one run logs: SUMMARY_ROWS with the
+    test loss and the perplexities (``perplexity_rows``) after the validation loss."""
     table = []
-    for row in SUMMARY_ROWS:
+    extra = [SummaryRow("test_lm_loss", "LM loss (test, final)", "low")] + perplexity_rows(runs)
+    at = [r.key for r in SUMMARY_ROWS].index("val_lm_loss") + 1
+    for row in SUMMARY_ROWS[:at] + tuple(extra) + SUMMARY_ROWS[at:]:
         stats = []
         for run in runs:
-            stats.append(last_and_min(*run.series(row.key)) if run.has(row.key) else None)
+            key = row.source or row.key
+            if not run.has(key):
+                stats.append(None)
+                continue
+            steps, values = run.series(key)
+            stats.append(last_and_min(steps, np.exp(values) if row.source else values))
         if any(s is not None for s in stats):
             table.append((row, stats))
     return table

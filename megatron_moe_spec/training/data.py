@@ -16,7 +16,8 @@ Within a tensor-parallel group, TP rank 0 reads and collates the micro-batch and
 (megatron's ``tensor_parallel.broadcast_data``), as Megatron-LM does. Every pipeline stage reads: the
 first needs the tokens, the last the labels, and every stage's MoE layers the domains (metrics).
 Validation uses a fixed set: the first ``eval.iters * global_batch`` validation samples, every time, so
-validation losses are comparable along the run.
+validation losses are comparable along the run; the final evaluation also reads as many samples of the
+test split (``Data.test``, None when the data has none).
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class Data:
     domain_names: Optional[List[str]]
     domain_from_dataset_index: bool
     """Domains are the index of the sample's prefix in data.paths (datasets without per-token domains)."""
+    test: Optional[object] = None
+    """The test split (evaluated once, at the end of training); None when the data has none."""
 
 
 def build_data(cfg, sizes) -> Data:
@@ -51,20 +54,20 @@ def build_data(cfg, sizes) -> Data:
     gbs = sizes.global_batch_size
     train_samples = t.train_iters * gbs
     valid_samples = cfg.eval.iters * gbs if cfg.eval.interval > 0 else 0
-    num_samples = (train_samples, valid_samples, 0)
+    num_samples = (train_samples, valid_samples, valid_samples)  # test: as much as one evaluation
     common = dict(seq_length=cfg.model.seq_length, num_samples=num_samples, seed=t.seed,
                   create_attention_mask=False)
     if d.type == "mock":
         from megatron_moe_spec.data.tokenizer import MockTokenizer
 
-        train, valid, _ = D.build_mock_datasets(MockTokenizer(cfg.model.vocab_size),
-                                                num_domains=MOCK_NUM_DOMAINS, **common)
+        train, valid, test = D.build_mock_datasets(MockTokenizer(cfg.model.vocab_size),
+                                                   num_domains=MOCK_NUM_DOMAINS, **common)
     else:
         tokenizer = _tokenizer(cfg)
         if len(d.paths) == 1 and d.weights is None:
-            train, valid, _ = D.build_datasets(d.paths[0], tokenizer, split=d.split, **common)
+            train, valid, test = D.build_datasets(d.paths[0], tokenizer, split=d.split, **common)
         else:
-            train, valid, _ = _build_blend(cfg, tokenizer, **common)
+            train, valid, test = _build_blend(cfg, tokenizer, **common)
     if train is None:
         raise ConfigError("data.paths: the training split is empty; check data.split and the dataset",
                           key="data.paths")
@@ -80,7 +83,7 @@ def build_data(cfg, sizes) -> Data:
             num_domains = len(names) if names else int(max(ds.sequence_domains.max() for ds in leaves)) + 1
         elif len(d.paths) >= 2:
             num_domains, names, by_index = len(d.paths), list(d.paths), True
-    return Data(train, valid, num_domains, names, by_index)
+    return Data(train, valid, num_domains, names, by_index, test if valid_samples else None)
 
 
 def _tokenizer(cfg):

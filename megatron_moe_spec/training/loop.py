@@ -7,7 +7,7 @@
     loop:
         batches of this data-parallel rank for the step     (data.py)
         forward/backward over the micro-batches, step       (step.py)
-        at log steps: LM loss, validation, aux losses,
+        at log steps: LM loss, validation (per domain; the test split at the end), aux losses,
         routing metrics -> console, metrics.jsonl, ...       (step.py, tracker.py, reporting.py)
         at save steps: atomic distributed checkpoint        (checkpointing.py)
 """
@@ -34,12 +34,11 @@ def train(cfg) -> Optional[Dict[str, float]]:
 
     from megatron_moe_spec.core import layer_metrics
     from megatron_moe_spec.run_config import count_parameters, validate_for_world_size
-    from megatron_moe_spec.training.data import BatchReader, build_data, valid_step_batches
+    from megatron_moe_spec.training.data import BatchReader, build_data
     from megatron_moe_spec.training.model import (
         build_model, build_optimizer, build_transformer_config, moe_layers)
     from megatron_moe_spec.training.reporting import Reporter, Throughput, write_domain_names
-    from megatron_moe_spec.training.step import (
-        evaluate, lm_loss_totals, local_lm_loss_totals, reduce_totals, train_step)
+    from megatron_moe_spec.training.step import local_lm_loss_totals, reduce_totals, train_step
 
     t0 = time.perf_counter()
     cuda = use_cuda(cfg.training.device)
@@ -97,7 +96,11 @@ def train(cfg) -> Optional[Dict[str, float]]:
 
     reporter = Reporter(cfg, iteration, aux_names, writer)
     train_reader = BatchReader(data.train, sizes, data.domain_from_dataset_index, data.num_domains > 0)
-    valid_reader = BatchReader(data.valid, sizes) if data.valid is not None else None
+    domains_on = data.num_domains > 0
+    valid_reader = BatchReader(data.valid, sizes, data.domain_from_dataset_index, domains_on) \
+        if data.valid is not None else None
+    test_reader = BatchReader(data.test, sizes, data.domain_from_dataset_index, domains_on) \
+        if data.test is not None else None
     throughput = Throughput(sizes.global_batch_size * cfg.model.seq_length)
     train_iters, gbs = cfg.training.train_iters, sizes.global_batch_size
     metrics_pending = False
@@ -130,9 +133,9 @@ def train(cfg) -> Optional[Dict[str, float]]:
             record = {"step": step, "lm_loss": float(totals[0] / totals[1])}
             record.update(throughput.read())  # before evaluation: training time only
             if evaluate_now:
-                val = lm_loss_totals(evaluate(model, [valid_step_batches(valid_reader, e)
-                                                      for e in range(cfg.eval.iters)], cfg))
-                record["val_lm_loss"] = float(val[0] / val[1])
+                record.update(evaluate_split(model, valid_reader, cfg, data, "val_lm_loss"))
+                if step == train_iters and test_reader is not None:
+                    record.update(evaluate_split(model, test_reader, cfg, data, "test_lm_loss"))
             record["lr"] = lr
             record.update(tracker.read(aux_names, sizes.num_microbatches * interval_steps, moe_indices,
                                        coupling))
@@ -165,3 +168,41 @@ def train(cfg) -> Optional[Dict[str, float]]:
         print(f"done: {iteration} iterations in {time.perf_counter() - t0:.1f}s; run directory {run_dir}",
               flush=True)
     return last
+
+
+def domain_key(prefix: str, name) -> str:
+    """``<prefix>/<name>`` with the name reduced to letters, digits, ``_ . -`` (paths become one word)."""
+    import re
+
+    return f"{prefix}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', str(name)).strip('_') or 'domain'}"
+
+
+def domain_mean_losses(totals, per_domain, names, prefix: str) -> Dict[str, float]:
+    """The logged losses of one evaluation: ``prefix`` = the mean over the domains that have tokens of
+    their mean loss (every domain weighs the same), ``prefix/<name>`` = each domain's mean loss. Without
+    domains (``per_domain`` None or no token with a domain) ``prefix`` is the token mean.
+
+    ``totals``: [loss_sum, num_tokens]; ``per_domain``: [D, 2] of the same, per domain."""
+    out: Dict[str, float] = {}
+    means = []
+    if per_domain is not None:
+        for d in range(len(per_domain)):
+            loss_sum, count = float(per_domain[d][0]), float(per_domain[d][1])
+            if count > 0:
+                name = names[d] if names and d < len(names) else d
+                out[domain_key(prefix, name)] = loss_sum / count
+                means.append(loss_sum / count)
+    out[prefix] = sum(means) / len(means) if means else float(totals[0] / totals[1])
+    return out
+
+
+def evaluate_split(model, reader, cfg, data, prefix: str) -> Dict[str, float]:
+    """Evaluate ``cfg.eval.iters`` global batches of ``reader``'s split (the same ones every time);
+    :func:`domain_mean_losses` of them (collective: every rank)."""
+    from megatron_moe_spec.training.data import valid_step_batches
+    from megatron_moe_spec.training.step import domain_loss_totals, evaluate, lm_loss_totals
+
+    reports = evaluate(model, [valid_step_batches(reader, e) for e in range(cfg.eval.iters)], cfg,
+                       num_domains=data.num_domains)
+    per_domain = domain_loss_totals(reports, data.num_domains) if data.num_domains else None
+    return domain_mean_losses(lm_loss_totals(reports), per_domain, data.domain_names, prefix)

@@ -69,12 +69,17 @@ def truncate_jsonl(path: str, last_step: int) -> None:
 
 def tensorboard_tag(name: str) -> str:
     """Megatron-LM style tags: ``lm loss``, ``lm loss validation``, ``learning-rate``, MoE losses under
-    ``moe/<name>`` (per layer ``moe/<name>_layer_<i>``), routing metrics under ``routing/``."""
-    fixed = {"lm_loss": "lm loss", "val_lm_loss": "lm loss validation", "lr": "learning-rate",
+    ``moe/<name>`` (per layer ``moe/<name>_layer_<i>``), routing metrics under ``routing/``; the
+    per-domain validation and test losses under ``lm loss validation/<domain>``, ``lm loss test/<domain>``."""
+    fixed = {"lm_loss": "lm loss", "val_lm_loss": "lm loss validation", "test_lm_loss": "lm loss test",
+             "lr": "learning-rate",
              "tokens_per_sec": "throughput/tokens-per-sec", "step_time_s": "iteration-time",
              "grad_norm": "grad-norm"}
     if name in fixed:
         return fixed[name]
+    head, _, domain = name.partition("/")
+    if head in ("val_lm_loss", "test_lm_loss"):
+        return f"{fixed[head]}/{domain}"
     from megatron_moe_spec.training.tracker import _LB_NAMES
 
     base, _, layer = name.partition("/")
@@ -152,6 +157,8 @@ class Reporter:
                  f"lm loss {r['lm_loss']:.4f}"]
         if "val_lm_loss" in r:
             parts.append(f"val {r['val_lm_loss']:.4f}")
+        if "test_lm_loss" in r:
+            parts.append(f"test {r['test_lm_loss']:.4f}")
         parts.append(f"lr {r['lr']:.2e}")
         for name in self.aux_names:
             if name in r:

@@ -10,13 +10,14 @@ steps and the learning-rate schedule advances by one iteration.
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 
-def forward_step(data_iterator, model, metrics_domains: bool = False):
-    """megatron's forward-step contract: ``(output_tensor, loss_func)``."""
+def forward_step(data_iterator, model, metrics_domains: bool = False, num_domains: int = 0):
+    """megatron's forward-step contract: ``(output_tensor, loss_func)``. ``num_domains`` > 0: the loss
+    report also has the per-domain sums (evaluation, :func:`loss_func`)."""
     from megatron.core import parallel_state
 
     batch = next(data_iterator)
@@ -35,27 +36,49 @@ def forward_step(data_iterator, model, metrics_domains: bool = False):
         )
     output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
                    labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"], model.config.calculate_per_token_loss)
+    domains = dict(domain=batch["domain"], num_domains=num_domains) if num_domains > 0 else {}
+    return output, partial(loss_func, batch["loss_mask"], model.config.calculate_per_token_loss, **domains)
 
 
-def loss_func(loss_mask: torch.Tensor, per_token: bool, per_token_loss: torch.Tensor):
-    """Masked mean LM loss of the micro-batch; reports ``[loss_sum, num_tokens]`` under ``lm loss``."""
+def loss_func(loss_mask: torch.Tensor, per_token: bool, per_token_loss: torch.Tensor,
+              domain: Optional[torch.Tensor] = None, num_domains: int = 0):
+    """Masked mean LM loss of the micro-batch; reports ``[loss_sum, num_tokens]`` under ``lm loss``.
+
+    With ``domain`` (int64, the shape of ``loss_mask``: the domain of each input token, -1 unknown) and
+    ``num_domains`` > 0 it also reports ``lm loss domains``: [num_domains, 2] float, row d = [sum of the
+    masked losses of domain d's tokens, their number] (tokens of unknown domain counted in no row)."""
     losses = per_token_loss.float().view(-1)
     mask = loss_mask.view(-1).float()
     loss_sum = torch.sum(losses * mask)
     num_tokens = mask.sum()
     report = {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach()])}
+    if domain is not None and num_domains > 0:
+        report["lm loss domains"] = domain_sums(losses.detach(), mask, domain.reshape(-1), num_domains)
     if per_token:
         return loss_sum, num_tokens.to(torch.int), report
     return loss_sum / num_tokens.clamp(min=1), report
 
 
-def _run_schedule(model_chunks, batches, cfg, forward_only: bool, metrics_domains: bool):
+def domain_sums(losses_T: torch.Tensor, mask_T: torch.Tensor, domain_T: torch.Tensor, num_domains: int
+                ) -> torch.Tensor:
+    """[num_domains, 2] float32: per domain d, [sum of losses_T * mask_T over tokens of domain d, sum of
+    mask_T there]. ``domain_T`` ids outside [0, num_domains) (-1: unknown, padding) are left out."""
+    d = domain_T.to(losses_T.device).long()
+    keep = (d >= 0) & (d < num_domains)
+    idx = torch.where(keep, d, torch.zeros_like(d))
+    w = mask_T * keep.float()
+    out = torch.zeros(num_domains, 2, dtype=torch.float32, device=losses_T.device)
+    out[:, 0].index_add_(0, idx, (losses_T * w).float())
+    out[:, 1].index_add_(0, idx, w.float())
+    return out
+
+
+def _run_schedule(model_chunks, batches, cfg, forward_only: bool, metrics_domains: bool, num_domains: int = 0):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     iterators = [iter(batches) for _ in model_chunks]
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, metrics_domains=metrics_domains),
+        forward_step_func=partial(forward_step, metrics_domains=metrics_domains, num_domains=num_domains),
         data_iterator=iterators,
         model=model_chunks,
         num_microbatches=len(batches),
@@ -79,14 +102,16 @@ def train_step(model_chunks, optimizer, scheduler, batches: List[Dict[str, torch
 
 
 @torch.no_grad()
-def evaluate(model_chunks, step_batches, cfg) -> List[Dict[str, torch.Tensor]]:
-    """Forward only over ``step_batches`` (a list of per-step micro-batch lists); the loss reports."""
+def evaluate(model_chunks, step_batches, cfg, num_domains: int = 0) -> List[Dict[str, torch.Tensor]]:
+    """Forward only over ``step_batches`` (a list of per-step micro-batch lists); the loss reports (with
+    ``lm loss domains`` when ``num_domains`` > 0)."""
     for chunk in model_chunks:
         chunk.eval()
     reports = []
     try:
         for batches in step_batches:
-            reports += _run_schedule(model_chunks, batches, cfg, forward_only=True, metrics_domains=False)
+            reports += _run_schedule(model_chunks, batches, cfg, forward_only=True, metrics_domains=False,
+                                     num_domains=num_domains)
     finally:
         for chunk in model_chunks:
             chunk.train()
@@ -108,6 +133,21 @@ def local_lm_loss_totals(reports) -> torch.Tensor:
         for item in reports:
             totals += item["lm loss"].detach().double().cpu()
     return totals
+
+
+def domain_loss_totals(reports, num_domains: int) -> torch.Tensor:
+    """[num_domains, 2] float64 ([loss_sum, num_tokens] per domain) of ``reports`` over the whole global
+    batch, on every rank (a collective; counted once per data-parallel replica as
+    :func:`local_lm_loss_totals`)."""
+    from megatron.core import parallel_state
+
+    totals = torch.zeros(num_domains, 2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+            parallel_state.get_tensor_model_parallel_rank() == 0:
+        for item in reports:
+            if "lm loss domains" in item:
+                totals += item["lm loss domains"].detach().double().cpu()
+    return reduce_totals(totals)
 
 
 def reduce_totals(totals: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import List, Optional
 
-ROWS = ("lm_loss", "val_lm_loss", "load_balancing_loss", "seq_load_balancing_loss",
+ROWS = ("lm_loss", "val_lm_loss", "test_lm_loss", "load_balancing_loss", "seq_load_balancing_loss",
         "global_load_balancing_loss", "z_loss", "specialization_loss", "coupling_loss",
         "orthogonality_loss", "variance_loss", "routing_entropy", "activation_similarity", "load_cv",
         "pathway_nmi", "domain_mi")
