@@ -56,6 +56,8 @@ __all__ = [
     "megatron_config_kwargs",
     "gpt_model_kwargs",
     "hybrid_model_kwargs",
+    "hybrid_model_available",
+    "installed_megatron_core_version",
     "optimizer_config_kwargs",
     "lr_scheduler_kwargs",
     "count_parameters",
@@ -901,17 +903,26 @@ def _check_cross_fields(cfg: RunConfig, check_paths: bool) -> None:
                    f"checkpoint directory, or auto / none")
 
 
-def installed_megatron_core_version() -> Optional[Tuple[int, int]]:
-    """(major, minor) of the installed megatron-core distribution, read from its metadata (megatron is
-    not imported); None when it is not installed."""
+def installed_megatron_core_version() -> Optional[str]:
+    """The installed megatron-core version, read from its distribution metadata (megatron is not
+    imported); None when it is not installed."""
     import importlib.metadata
 
     try:
-        version = importlib.metadata.version("megatron-core")
+        return importlib.metadata.version("megatron-core")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def hybrid_model_available() -> bool:
+    """The installed megatron-core has HybridModel (>= 0.19; model.hybrid_layer_pattern is accepted)."""
+    version = installed_megatron_core_version()
+    return version is not None and _major_minor(version) >= _major_minor(HYBRID_MIN_MEGATRON_CORE)
+
+
+def _major_minor(version: str) -> Tuple[int, int]:
     match = re.match(r"(\d+)\.(\d+)", version)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 _KEY_HYBRID = "model.hybrid_layer_pattern"
@@ -943,9 +954,9 @@ def _check_hybrid_pattern(m: "ModelConfig") -> None:
     if not symbols:
         raise _err(_KEY_HYBRID, f"{pattern!r} has no layer; give one symbol per layer, e.g. \"*E*E\"")
     version = installed_megatron_core_version()
-    if version is not None and version < (0, 19):
+    if version is not None and _major_minor(version) < _major_minor(HYBRID_MIN_MEGATRON_CORE):
         raise _err(_KEY_HYBRID, f"HybridModel needs megatron-core >= {HYBRID_MIN_MEGATRON_CORE}; this "
-                   f"environment has {version[0]}.{version[1]}. Upgrade (pip install "
+                   f"environment has {version}. Upgrade (pip install "
                    f"'megatron-core>=0.19,<0.20'), or build the GPTModel equivalent: remove "
                    f"model.hybrid_layer_pattern and set model.num_layers and model.moe_layer_freq "
                    f"(\"*E*E\" is num_layers: 2, moe_layer_freq: 1)")
