@@ -39,10 +39,14 @@ PATCHED_FILES = {
     "megatron-lm-core_v0.16.1-core_v0.17.1.patch": {"pretrain_gpt.py", "gpt_builders.py",
                                                     "megatron/training/training.py"},
     "megatron-lm-core_v0.18.0-core_v0.18.2.patch": {"pretrain_gpt.py", "gpt_builders.py",
-                                                    "megatron/training/training.py"},
+                                                    "megatron/training/training.py",
+                                                    "pretrain_hybrid.py", "hybrid_builders.py"},
     "megatron-lm-core_v0.19.0-main.patch": {"pretrain_gpt.py", "megatron/training/models/gpt.py",
-                                            "megatron/training/training.py"},
+                                            "megatron/training/training.py",
+                                            "pretrain_hybrid.py", "megatron/training/models/hybrid.py"},
 }
+HYBRID_BUILDER = {"megatron-lm-core_v0.18.0-core_v0.18.2.patch": "hybrid_builders.py",
+                  "megatron-lm-core_v0.19.0-main.patch": "megatron/training/models/hybrid.py"}
 CHECKED_REFS = {
     "core_v0.16.1": "megatron-lm-core_v0.16.1-core_v0.17.1.patch",
     "core_v0.17.1": "megatron-lm-core_v0.16.1-core_v0.17.1.patch",
@@ -607,19 +611,33 @@ def test_patch_is_a_small_well_formed_diff_of_the_expected_files(patch):
     assert set(files) == PATCHED_FILES[patch]
     added = [l[1:] for hunks in files.values() for h in hunks for l in h[4] if l.startswith("+")]
     removed = [l[1:] for hunks in files.values() for h in hunks for l in h[4] if l.startswith("-")]
-    assert len(added) <= 12 and len(removed) <= 2, (added, removed)
+    assert len(added) <= 20 and len(removed) <= 3, (added, removed)
     # Every file imports the hooks once; every added line is ours (marked) or the continuation
     # of a marked statement; the only removed line is the extra_args_provider it wraps.
     for path, hunks in files.items():
         plus = [l[1:] for h in hunks for l in h[4] if l.startswith("+")]
         assert plus.count("from megatron_moe_spec import megatron_lm as moe_spec  # megatron-moe-spec") == 1, path
     assert all(l.endswith("  # megatron-moe-spec") for l in added), added
-    assert removed == ["        extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,"]
+    # Removed: the extra_args_provider line of each entry point (pretrain_gpt.py, and pretrain_hybrid.py
+    # from core_v0.18.0); core_v0.19.0's HybridModelBuilder returns HybridModel(...) directly, which the
+    # patch turns into model = HybridModel(...) to register it.
+    provider = "        extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,"
+    entry_points = [p for p in ("pretrain_gpt.py", "pretrain_hybrid.py") if p in files]
+    expected_removed = [provider] * len(entry_points)
+    if patch == "megatron-lm-core_v0.19.0-main.patch":
+        expected_removed.append("        return HybridModel(")
+    assert sorted(removed) == sorted(expected_removed), removed
     # training_log: our names, then the R_cp fix, both before megatron's report (one hunk).
     hooks = [l[1:].split("(")[0].strip() for h in files["megatron/training/training.py"] for l in h[4]
              if l.startswith("+") and "import" not in l]
     assert hooks == ["track_names = moe_spec.track_names", "moe_spec.report_coupling_as_pair_mean",
                      "moe_spec.log_specialization_metrics"]
+    # The hybrid builder: the stack spec through our hook, then register_model on the built model.
+    if patch in HYBRID_BUILDER:
+        hooks = [l[1:].strip() for h in files[HYBRID_BUILDER[patch]] for l in h[4]
+                 if l.startswith("+") and "import" not in l]
+        assert hooks[0].startswith("hybrid_stack_spec = moe_spec.specialize_hybrid_stack_spec(hybrid_stack_spec, ")
+        assert [h for h in hooks if "register_model" in h] == ["moe_spec.register_model(model)  # megatron-moe-spec"]
 
 
 @pytest.mark.parametrize("patch", sorted(PATCHED_FILES))
@@ -628,13 +646,18 @@ def test_patch_calls_only_functions_that_exist(patch):
         added = [l[1:] for l in f.read().splitlines() if l.startswith("+") and not l.startswith("+++")]
     called = set(re.findall(r"\bmoe_spec\.(\w+)\(", "\n".join(added)))
     assert called == {"chain_extra_args_provider", "specialize_layer_spec", "register_model", "track_names",
-                      "report_coupling_as_pair_mean", "log_specialization_metrics"}
+                      "report_coupling_as_pair_mean", "log_specialization_metrics"} | (
+                          {"specialize_hybrid_stack_spec"} if patch in HYBRID_BUILDER else set())
     for name in called:
         assert callable(getattr(megatron_lm, name, None)), name
     # Each added line is valid Python on its own: a statement, or a keyword argument of the call
     # it sits in (the patched files themselves are byte-compiled, see docs/megatron_lm.md).
     for line in added:
         stmt = line.strip()
+        code = stmt.split("  # megatron-moe-spec")[0]
+        if code.endswith("("):  # model = HybridModel(: the opening of megatron's own call
+            ast.parse(code + ")")
+            continue
         try:
             ast.parse(stmt)
         except SyntaxError:
