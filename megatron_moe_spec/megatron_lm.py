@@ -354,6 +354,8 @@ def specialize_hybrid_stack_spec(spec, config, vp_stage: Optional[int] = None):
     the E layers of ``--hybrid-layer-pattern``. Off: ``spec`` comes back as is. One spec serves every
     model chunk (each builds its ``|`` segment), so a second call returns it unchanged.
     """
+    if spec is not None and callable(spec) and not _is_spec_object(spec):
+        spec = _call_hybrid_spec_callable(spec, config, vp_stage)
     spec_config = _spec_config()
     if not spec_config.enabled or _is_specialized_hybrid(spec):
         return spec
@@ -385,6 +387,36 @@ def specialize_hybrid_stack_spec(spec, config, vp_stage: Optional[int] = None):
         layer_metrics.register_layers(hybrid.hybrid_moe_layer_numbers(pattern), transformer.num_moe_experts,
                                       eps=spec_config.eps)
     return out
+
+
+def _call_hybrid_spec_callable(spec, config, vp_stage):
+    """``--spec module function`` naming a function: Megatron-LM's hybrid builders use the attribute
+    itself as the stack spec; we call it: with ``(config, vp_stage)``, ``(config)`` or ``()``, as its
+    signature takes them (e.g. ``core.hybrid.local_hybrid_stack_spec()``)."""
+    import inspect
+
+    params = [p for p in inspect.signature(spec).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    if not params:
+        return spec()
+    if "vp_stage" in inspect.signature(spec).parameters:
+        return spec(config, vp_stage=vp_stage)
+    return spec(config)
+
+
+def hybrid_stack_spec(config, vp_stage: Optional[int] = None):
+    """``--spec megatron_moe_spec.megatron_lm hybrid_stack_spec`` (pretrain_hybrid.py): megatron's HybridStack
+    spec for ``config`` (Transformer Engine modules with ``--transformer-impl transformer_engine``, else the
+    local ones of ``core.hybrid.local_hybrid_stack_spec``, which run on CPU). The patched builder passes
+    it to ``specialize_hybrid_stack_spec``, which calls it and substitutes the losses when the
+    ``--moe-spec-*`` config is on."""
+    from megatron_moe_spec.core import hybrid
+
+    transformer = _transformer_config(config)
+    use_te = getattr(transformer, "transformer_impl", "transformer_engine") == "transformer_engine"
+    # The stock spec (everything off: megatron's spec unchanged); the hook substitutes the losses.
+    return hybrid.get_hybrid_stack_spec(transformer, None, hybrid_layer_pattern=_hybrid_pattern(config),
+                                        use_transformer_engine=use_te)
 
 
 def _is_specialized_hybrid(spec) -> bool:

@@ -200,3 +200,73 @@ def test_shipped_hybrid_config_is_its_gpt_twin_as_a_pattern(mcore_019, path):
     if "deepseek" in path:
         assert hybrid.model.hybrid_layer_symbols.startswith("*-*E")
         assert hybrid.model.moe_shared_expert_intermediate_size is not None
+
+
+# ============================================================ the parameter count, against a built model
+COUNT_SCRIPT = r"""
+import json, sys
+import torch
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+from megatron.core import parallel_state
+parallel_state.initialize_model_parallel(1, 1)
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.transformer import TransformerConfig
+from megatron_moe_spec.core.hybrid import get_hybrid_stack_spec
+from megatron_moe_spec.run_config import load_run_config, megatron_config_kwargs, hybrid_model_kwargs, count_parameters
+out = []
+for path, extra in json.loads(sys.argv[1]):
+    cfg = load_run_config([path], extra)
+    tc = TransformerConfig(**megatron_config_kwargs(cfg, cpu=True))
+    spec = get_hybrid_stack_spec(tc, None, hybrid_layer_pattern=cfg.model.hybrid_layer_pattern,
+                                 use_transformer_engine=False)  # everything off: megatron's layers
+    model = HybridModel(config=tc, hybrid_stack_spec=spec, **hybrid_model_kwargs(cfg))
+    out.append([path, extra, sum(p.numel() for p in model.parameters()), count_parameters(cfg).total])
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not hybrid_model_available(), reason="HybridModel needs megatron-core >= 0.19")
+def test_parameter_count_matches_a_built_hybrid_model():
+    """count_parameters is exact for HybridModel too: megatron-core's HybridModel built on CPU from the
+    local hybrid stack spec (core.hybrid), every layer family of the CPU patterns and the model options."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    alt = ["model.normalization=LayerNorm", "model.add_bias_linear=true",
+           "model.position_embedding_type=learned_absolute", "model.qk_layernorm=true",
+           "model.untie_embeddings_and_output_weights=false", "model.swiglu=false",
+           "specialization.sp_coeff=0", "model.num_query_groups=4", "model.kv_channels=32"]
+    cases = [[os.path.join(CONFIGS, "tiny_vanilla_hybrid.yaml"), []],
+             [os.path.join(CONFIGS, "tiny_deepseek_hybrid.yaml"), ["model.moe_shared_expert_gate=true"]],
+             [os.path.join(CONFIGS, "tiny_deepseek_hybrid.yaml"), ['model.hybrid_layer_pattern="*-E-*E*-E"']],
+             [os.path.join(CONFIGS, "tiny_vanilla_hybrid.yaml"), alt]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", COUNT_SCRIPT, json.dumps(cases)], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for path, extra, built, counted in json.loads(proc.stdout.split("RESULT", 1)[1]):
+        assert built == counted, (rel(path), extra, built, counted)
+
+
+def test_validate_command_on_a_hybrid_config():
+    """``megatron-moe-spec validate``: the parameter count and the resolved pattern on >= 0.19; exit 2 with
+    the one-line refusal on older megatron-core."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "megatron_moe_spec", "validate",
+                           os.path.join(CONFIGS, "tiny_deepseek_hybrid.yaml")], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    if hybrid_model_available():
+        assert proc.returncode == 0, proc.stderr
+        assert "# parameters: 486,976 total" in proc.stdout  # = tiny_deepseek.yaml's
+        assert "hybrid_layer_pattern: '*-*E*E*E'" in proc.stdout and "num_layers: 8" in proc.stdout
+    else:
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("error: model.hybrid_layer_pattern: HybridModel needs megatron-core >= 0.19")

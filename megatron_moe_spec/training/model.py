@@ -51,7 +51,7 @@ def build_model(cfg, config, cuda: bool) -> List[torch.nn.Module]:
                      post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
                      vp_stage=stage)
         if hybrid_spec is not None:
-            from megatron.core.models.hybrid import HybridModel
+            from megatron.core.models.hybrid.hybrid_model import HybridModel
 
             from megatron_moe_spec.run_config import hybrid_model_kwargs
 
