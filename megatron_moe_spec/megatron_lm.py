@@ -420,32 +420,13 @@ def hybrid_stack_spec(config, vp_stage: Optional[int] = None):
 
 
 def _is_specialized_hybrid(spec) -> bool:
-    from megatron_moe_spec.core.moe_layer import SpecializationMoELayer
+    """The stack spec already carries our substitution (``core.hybrid`` makes its stack class
+    ``SpecializationHybridStack``)."""
+    from megatron_moe_spec.core import hybrid
 
-    moe = getattr(getattr(spec, "submodules", None), "moe_layer", None)
-    if moe is None:
-        return False
-    seen, todo = set(), [moe]
-    while todo:  # the MoE module sits somewhere below moe_layer (a ModuleSpec or a functools.partial)
-        item = todo.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if item is SpecializationMoELayer or getattr(item, "func", None) is SpecializationMoELayer:
-            return True
-        for child in (getattr(item, "module", None), getattr(item, "submodules", None),
-                      *getattr(item, "keywords", {}).values()):
-            if child is not None and not isinstance(child, (str, int, float, bool)):
-                todo.append(child)
-        if dataclass_like(item):
-            todo.extend(v for v in vars(item).values() if v is not None)
-    return False
-
-
-def dataclass_like(obj) -> bool:
-    import dataclasses
-
-    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+    module = getattr(spec, "module", None)
+    return (hybrid.HAVE_HYBRID and isinstance(module, type)
+            and issubclass(module, hybrid.SpecializationHybridStack))
 
 
 def hybrid_coupling_slots(pattern: str, cp_pipeline: str = "skip") -> "CouplingSlots":
