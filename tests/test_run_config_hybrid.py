@@ -98,6 +98,9 @@ ERRORS = {
             ["multi-latent attention", "use * (attention)"]),
     "DSA": (dict(hybrid_layer_pattern="DEDE"), {}, "model.hybrid_layer_pattern", ["DeepSeek sparse attention"]),
     "no layer": (dict(hybrid_layer_pattern="|"), {}, "model.hybrid_layer_pattern", ["has no layer"]),
+    # core.hybrid.check_hybrid_pattern's rule (this machine has no Mamba kernels), before anything is built
+    "Mamba without kernels": (dict(hybrid_layer_pattern="*M*E"), {}, "model.hybrid_layer_pattern",
+                              ["'M' (Mamba", "mamba_ssm", "install mamba-ssm"]),
     "num_layers differs": (dict(num_layers=4), {}, "model.num_layers",
                            ["differs from the 6 layers", "num_layers: 6 or null"]),
     "E without experts": (dict(num_moe_experts=None), {}, "model.num_moe_experts",
