@@ -392,11 +392,11 @@ def specialize_hybrid_stack_spec(spec, config, vp_stage: Optional[int] = None):
 def _call_hybrid_spec_callable(spec, config, vp_stage):
     """``--spec module function`` naming a function: Megatron-LM's hybrid builders use the attribute
     itself as the stack spec; we call it: with ``(config, vp_stage)``, ``(config)`` or ``()``, as its
-    signature takes them (e.g. ``core.hybrid.local_hybrid_stack_spec()``)."""
+    signature takes them (e.g. ``core.hybrid.local_hybrid_stack_spec(config)``)."""
     import inspect
 
     params = [p for p in inspect.signature(spec).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not params:
         return spec()
     if "vp_stage" in inspect.signature(spec).parameters:
