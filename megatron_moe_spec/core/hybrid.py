@@ -27,6 +27,10 @@ attribute from the layer's input hidden states to its output. ``HybridStack.forw
 layer's output (first element of a tuple) straight to the next layer, so nothing else drops it.
 No global state: the carry belongs to one micro-batch and one pass.
 
+**Recomputation** under ``HybridStack`` (full uniform, full block, selective ``moe``) is exact: the
+same losses and gradients as without (tests/test_hybrid.py::test_recompute_matches_no_recompute);
+``recompute_method: block`` with R_cp is refused by ``check_compatibility``, as for GPT.
+
 **On CPU** megatron's ``hybrid_stack_spec`` uses Transformer Engine modules (and ``HybridStack``
 builds its final norm with ``TENorm``): :func:`local_hybrid_stack_spec` is the same stack for ``*``,
 ``-`` and ``E`` from megatron's local modules (those of its local GPT spec).
@@ -155,15 +159,23 @@ def _check_pattern_against(config, stack_spec: ModuleSpec, pattern: str) -> None
                 "builds it (megatron's hybrid_stack_spec) or remove the symbol")
 
 
-def _refuse_pipeline(config) -> None:
-    """Pipeline parallelism with a hybrid pattern is not wired yet (R_cp across ``|`` segments needs
-    core.stage_transport's pairs computed from the pattern)."""
+def _refuse_pipeline(config, pattern: str) -> None:
+    """Pipeline parallelism with a hybrid pattern is not wired yet: R_cp across ``|`` segments needs
+    core.stage_transport's owners and pairs computed from the pattern (and ``SpecializationMoELayer.
+    _cross_stage_peers`` reads ``moe_layer_numbers(config)`` without it). Lift this refusal there.
+
+    A ``|`` makes pipeline segments even with ``pipeline_model_parallel_size`` 1: megatron then builds
+    one model chunk per segment (virtual pipeline stages), so it is refused as well."""
     pp = getattr(config, "pipeline_model_parallel_size", 1) or 1
     vpp = getattr(config, "virtual_pipeline_model_parallel_size", None) or 1
     if pp > 1 or vpp > 1:
         raise ValueError(
             "HybridModel with the specialization losses: pipeline_model_parallel_size > 1 (or virtual "
             "pipeline) is not supported yet; set pipeline_model_parallel_size to 1")
+    if PIPE in pattern.split(MTP_SEPARATOR)[0]:
+        raise ValueError(
+            f"hybrid_layer_pattern {pattern!r}: '|' pipeline segments are not supported with the "
+            "specialization losses yet; remove the '|' separators (and use pipeline_model_parallel_size 1)")
 
 
 # ----------------------------------------------------------------------------- the modules
@@ -324,7 +336,7 @@ def specialize_hybrid_stack_spec(stack_spec: ModuleSpec, config,
             "on; pass the HybridModel's pattern (e.g. '*E*E')")
     check_hybrid_pattern(hybrid_layer_pattern)
     _check_pattern_against(config, stack_spec, hybrid_layer_pattern)
-    _refuse_pipeline(config)
+    _refuse_pipeline(config, hybrid_layer_pattern)
     check_compatibility(config, spec_config, hybrid_layer_pattern=hybrid_layer_pattern)
 
     stack_class = stack_spec.module
