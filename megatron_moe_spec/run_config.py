@@ -832,10 +832,11 @@ def _check_cross_fields(cfg: RunConfig, check_paths: bool) -> None:
                    "gated (SwiGLU) expert MLP, but model.swiglu is false; set model.swiglu: true or "
                    "specialization.ortho_coeff: 0")
     if s.cp_coeff > 0 and len(m.moe_layer_indices) < 2:
+        where = ("E in model.hybrid_layer_pattern" if m.is_hybrid
+                 else "model.num_layers / model.moe_layer_freq")
         raise _err("specialization.cp_coeff",
                    f"R_cp couples adjacent MoE layers but the model has {len(m.moe_layer_indices)} MoE "
-                   f"layer(s); use at least two MoE layers (model.num_layers / model.moe_layer_freq) or "
-                   f"set specialization.cp_coeff: 0")
+                   f"layer(s); use at least two MoE layers ({where}) or set specialization.cp_coeff: 0")
 
     # ---- parallel
     if p.sp and p.tp == 1:

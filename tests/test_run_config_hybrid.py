@@ -125,6 +125,20 @@ ERRORS = {
                              ["set parallel.vpp: null"]),
     "vpp without pp": (dict(), {"vpp": 2}, "parallel.vpp", ["virtual pipeline stages"]),
 }
+SPECIALIZATION_ERRORS = {
+    "R_cp with one E": (dict(hybrid_layer_pattern="*E*-"), "specialization.cp_coeff",
+                        ["1 MoE layer(s)", "E in model.hybrid_layer_pattern"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECIALIZATION_ERRORS))
+def test_specialization_errors_name_the_pattern(mcore_019, name):
+    model, key, fragments = SPECIALIZATION_ERRORS[name]
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict(_with(_cfg(**model), specialization={"cp_coeff": 1e-3}))
+    assert e.value.key == key
+    for fragment in fragments:
+        assert fragment in str(e.value), (fragment, str(e.value))
 
 
 @pytest.mark.parametrize("name", sorted(ERRORS))
