@@ -17,6 +17,11 @@ The hooks, in the order a patched ``pretrain_gpt.py`` run meets them:
     the ``--spec megatron_moe_spec.megatron_lm gpt_layer_spec`` entry point (a callable: Megatron-LM
     core_v0.19.0's ``GPTModelBuilder`` calls it with the model config; on core_v0.16.1 the patched
     ``gpt_builder`` does, through ``specialize_layer_spec``).
+``specialize_hybrid_stack_spec(spec, config, vp_stage)``
+    the same for ``pretrain_hybrid.py`` (megatron-core's HybridModel): called by the patched hybrid
+    builder on the HybridStack spec it chose (``--spec``, or upstream's default); substitutes the
+    losses into its ``moe_layer`` (``core.hybrid.specialize_hybrid_stack_spec``) for the run's
+    ``--hybrid-layer-pattern``. Off: unchanged. megatron-core >= 0.19 only.
 ``register_model(model)``
     after the model chunk is built: checks the substitution happened, remembers the MoE layers
     (for ``metrics_interval``).
@@ -325,6 +330,117 @@ def _specialize(spec, transformer_config, spec_config: SpecializationConfig):
     return out
 
 
+# ---------------------------------------------------------------------- the hybrid stack spec
+HYBRID_MIN_CORE = (0, 19)
+"""HybridModel with the losses: the megatron-core versions it is tested on (core.hybrid, 0.19.2)."""
+
+
+def _hybrid_pattern(config) -> Optional[str]:
+    """The run's hybrid layer pattern: upstream's ``HybridModelConfig.hybrid_layer_pattern`` (core_v0.19.0
+    and later), else Megatron-LM's ``--hybrid-layer-pattern`` (core_v0.18.x passes a TransformerConfig)."""
+    pattern = getattr(config, "hybrid_layer_pattern", None)
+    if pattern is None:
+        pattern = getattr(_megatron_args(), "hybrid_layer_pattern", None)
+    return pattern
+
+
+def specialize_hybrid_stack_spec(spec, config, vp_stage: Optional[int] = None):
+    """The patch hook in Megatron-LM's hybrid model builder: the HybridStack spec to build with.
+
+    ``spec`` is what Megatron-LM chose (``--spec``, or upstream's default ``hybrid_stack_spec``);
+    ``config`` a ``TransformerConfig`` or upstream's ``HybridModelConfig``. When the ``--moe-spec-*``
+    config is on, our MoE layer, router and layer classes are substituted into its ``moe_layer``
+    (``core.hybrid.specialize_hybrid_stack_spec``, which refuses what the losses cannot serve), for
+    the E layers of ``--hybrid-layer-pattern``. Off: ``spec`` comes back as is. One spec serves every
+    model chunk (each builds its ``|`` segment), so a second call returns it unchanged.
+    """
+    if spec is not None and callable(spec) and not _is_spec_object(spec):
+        spec = _call_hybrid_spec_callable(spec, config, vp_stage)
+    spec_config = _spec_config()
+    if not spec_config.enabled or _is_specialized_hybrid(spec):
+        return spec
+    from megatron_moe_spec.core.version import megatron_core_version
+
+    version = megatron_core_version()
+    if (version.major, version.minor) < HYBRID_MIN_CORE:
+        raise RuntimeError(
+            f"megatron-moe-spec: --moe-spec-* on a HybridModel needs megatron-core >= 0.19 (the version the "
+            f"hybrid substitution is tested on); this Megatron-LM imports megatron-core {version}. Use "
+            f"Megatron-LM core_v0.19.0 or later, or pretrain_gpt.py (the GPTModel twin of the pattern), or "
+            f"drop the --moe-spec-* flags")
+    pattern = _hybrid_pattern(config)
+    if not pattern:
+        raise ValueError("megatron-moe-spec: --moe-spec-* on a HybridModel needs --hybrid-layer-pattern "
+                         "(the E symbols say which layers are MoE)")
+    if "/" in pattern:
+        raise ValueError(f"megatron-moe-spec: --hybrid-layer-pattern {pattern!r} has multi-token prediction "
+                         f"layers ('/'), which the specialization losses do not cover; remove the '/...' part "
+                         f"or drop the --moe-spec-* flags")
+    transformer = _transformer_config(config)
+    from megatron_moe_spec.core import hybrid, layer_metrics
+
+    out = hybrid.specialize_hybrid_stack_spec(spec, transformer, spec_config, hybrid_layer_pattern=pattern)
+    if spec_config.cp_coeff > 0:
+        _STATE.coupling = hybrid_coupling_slots(pattern, spec_config.cp_pipeline)
+    if spec_config.metrics:
+        # Every rank registers every MoE layer of the whole model, as for GPT (report() is one all-reduce).
+        layer_metrics.register_layers(hybrid.hybrid_moe_layer_numbers(pattern), transformer.num_moe_experts,
+                                      eps=spec_config.eps)
+    return out
+
+
+def _call_hybrid_spec_callable(spec, config, vp_stage):
+    """``--spec module function`` naming a function: Megatron-LM's hybrid builders use the attribute
+    itself as the stack spec; we call it: with ``(config, vp_stage)``, ``(config)`` or ``()``, as its
+    signature takes them (e.g. ``core.hybrid.local_hybrid_stack_spec(config)``)."""
+    import inspect
+
+    params = [p for p in inspect.signature(spec).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not params:
+        return spec()
+    if "vp_stage" in inspect.signature(spec).parameters:
+        return spec(config, vp_stage=vp_stage)
+    return spec(config)
+
+
+def hybrid_stack_spec(config, vp_stage: Optional[int] = None):
+    """``--spec megatron_moe_spec.megatron_lm hybrid_stack_spec`` (pretrain_hybrid.py): megatron's HybridStack
+    spec for ``config`` (Transformer Engine modules with ``--transformer-impl transformer_engine``, else the
+    local ones of ``core.hybrid.local_hybrid_stack_spec``, which run on CPU). The patched builder passes
+    it to ``specialize_hybrid_stack_spec``, which calls it and substitutes the losses when the
+    ``--moe-spec-*`` config is on."""
+    from megatron_moe_spec.core import hybrid
+
+    transformer = _transformer_config(config)
+    use_te = getattr(transformer, "transformer_impl", "transformer_engine") == "transformer_engine"
+    # The stock spec (everything off: megatron's spec unchanged); the hook substitutes the losses.
+    return hybrid.get_hybrid_stack_spec(transformer, None, hybrid_layer_pattern=_hybrid_pattern(config),
+                                        use_transformer_engine=use_te)
+
+
+def _is_specialized_hybrid(spec) -> bool:
+    """The stack spec already carries our substitution (``core.hybrid`` makes its stack class
+    ``SpecializationHybridStack``)."""
+    from megatron_moe_spec.core import hybrid
+
+    module = getattr(spec, "module", None)
+    return (hybrid.HAVE_HYBRID and isinstance(module, type)
+            and issubclass(module, hybrid.SpecializationHybridStack))
+
+
+def hybrid_coupling_slots(pattern: str, cp_pipeline: str = "skip") -> "CouplingSlots":
+    """``CouplingSlots`` of a hybrid layer pattern: the E layers are the MoE layers (0-based tracker slots:
+    the position in the pattern, ``|`` excluded); each E pairs with the next E; under ``skip`` a pair whose
+    two E lie in different ``|`` segments has no term."""
+    from megatron_moe_spec.training.tracker import hybrid_coupled_layers
+
+    main = pattern.split("/")[0]
+    moe = [i for i, c in enumerate(main.replace("|", "")) if c == "E"]
+    pairs = tuple(hybrid_coupled_layers(main, cp_pipeline))
+    return CouplingSlots(pairs, tuple(i for i in moe if i not in pairs))
+
+
 # --------------------------------------------------------------------------- after model build
 def register_model(model) -> None:
     """After a model chunk is built: check the substitution happened and remember its MoE layers.
@@ -430,6 +546,9 @@ def megatron_moe_layer_count(args) -> int:
     whose ``report`` takes ``num_moe_layers`` from ``training_log``): MTP layers count only when the
     last decoder layer is an MoE layer, once with ``--mtp-use-repeated-layer``.
     """
+    hybrid = getattr(args, "hybrid_layer_pattern", None)
+    if hybrid is not None:
+        return _hybrid_moe_layer_count(args, hybrid)
     freq = getattr(args, "moe_layer_freq", None)
     if freq is None:
         pattern = [1] * args.num_layers
@@ -443,6 +562,33 @@ def megatron_moe_layer_count(args) -> int:
     if mtp and pattern[-1]:
         return sum(pattern) + (1 if getattr(args, "mtp_use_repeated_layer", False) else mtp)
     return sum(pattern)
+
+
+def _hybrid_moe_layer_count(args, pattern: str) -> int:
+    """``megatron_moe_layer_count`` for ``--hybrid-layer-pattern``, as each ``training_log`` computes it.
+
+    core_v0.18.0 .. core_v0.19.0: ``report(num_layers=<E of the pattern, MTP depths included>,
+    moe_layer_freq=--moe-layer-freq, mtp_num_layers=--mtp-num-layers)``, counted by megatron's rule
+    (freq 1, the default: every one of those). main: the E of the main pattern, plus the E of the MTP
+    pattern per depth (once with ``--mtp-use-repeated-layer``)."""
+    parts = pattern.split("/")
+    main = parts[0]
+    mtp = [p for p in parts[1:] if p]
+    mtp_e = mtp[0].count("E") if mtp else 0
+    if _report_takes_num_moe_layers():
+        extra = 0
+        if mtp and mtp_e:
+            extra = mtp_e if getattr(args, "mtp_use_repeated_layer", False) else mtp_e * len(mtp)
+        return main.count("E") + extra
+    layers = main.count("E") + mtp_e * len(mtp)
+    freq = getattr(args, "moe_layer_freq", None)
+    if freq is None:
+        n = layers
+    elif isinstance(freq, int):
+        n = sum(1 for i in range(layers) if i % freq == 0)
+    else:
+        n = sum(freq)
+    return n + (getattr(args, "mtp_num_layers", None) or 0)
 
 
 def _report_takes_num_moe_layers() -> bool:

@@ -9,6 +9,7 @@ Everything a training driver needs comes from this object:
 
 - ``megatron_config_kwargs(cfg, cpu=...)``: the kwargs of megatron-core's ``TransformerConfig``;
 - ``gpt_model_kwargs(cfg)``: the remaining ``GPTModel`` kwargs (vocab, position embedding, ...);
+  ``hybrid_model_kwargs(cfg)`` those of ``HybridModel`` (``model.hybrid_layer_pattern`` set);
 - ``optimizer_config_kwargs(cfg)`` / ``lr_scheduler_kwargs(cfg)``: megatron-core's
   ``OptimizerConfig`` and ``OptimizerParamScheduler`` kwargs;
 - ``validate_for_world_size(cfg, world_size)`` -> ``ParallelSizes`` (dp, expert dp, micro-batches);
@@ -54,6 +55,9 @@ __all__ = [
     "validate_for_world_size",
     "megatron_config_kwargs",
     "gpt_model_kwargs",
+    "hybrid_model_kwargs",
+    "hybrid_model_available",
+    "installed_megatron_core_version",
     "optimizer_config_kwargs",
     "lr_scheduler_kwargs",
     "count_parameters",
@@ -84,12 +88,23 @@ def _f(default=None, help: str = "", *, choices=None, ge=None, gt=None, required
     return field(default=default, metadata=meta)
 
 
+# ====================================================================== hybrid layer patterns
+HYBRID_ATTENTION, HYBRID_MLP, HYBRID_MOE = "*", "-", "E"
+HYBRID_GPU_ONLY = {"M": "Mamba", "G": "gated delta net", "D": "DeepSeek sparse attention"}
+"""megatron-core 0.19's other layer symbols: accepted here, refused at spec build
+(``core.hybrid.check_hybrid_pattern``) unless their CUDA kernels import."""
+HYBRID_PIPE, HYBRID_MTP = "|", "/"
+HYBRID_MIN_MEGATRON_CORE = "0.19"
+
+
 # ====================================================================== sections
 @dataclass
 class ModelConfig:
-    """The model: a GPT decoder with Megatron's options, MoE options under Megatron's names."""
+    """The model: a GPT decoder (a HybridModel with hybrid_layer_pattern), Megatron's options and names."""
 
-    num_layers: int = _f(None, "Number of transformer layers.", ge=1, required=True, example=12)
+    num_layers: int = _f(
+        None, "Number of transformer layers (GPTModel); with hybrid_layer_pattern the number of its "
+        "layer symbols (null = derived from the pattern).", ge=1, required=True, example=12)
     hidden_size: int = _f(None, "Hidden size H.", ge=1, required=True, example=768)
     num_attention_heads: int = _f(None, "Attention heads.", ge=1, required=True, example=12)
     num_query_groups: Optional[int] = _f(
@@ -127,6 +142,13 @@ class ModelConfig:
         "local", "local (pure PyTorch, runs on CPU), transformer_engine (GPU, needs TE) or auto "
         "(transformer_engine on a CUDA run when Transformer Engine is importable, local otherwise).",
         choices=("local", "transformer_engine", "auto"))
+
+    hybrid_layer_pattern: Optional[str] = _f(
+        None, "Build megatron-core's HybridModel (megatron-core >= 0.19) instead of GPTModel: one "
+        "symbol per layer, * attention, - dense MLP, E MoE (M Mamba, G gated delta net, D DeepSeek "
+        "sparse attention: GPU only, refused without their CUDA kernels); | splits pipeline stages "
+        "(segments = parallel.pp * vpp). A GPT layer is *E (MoE) or *- (dense). The E layers "
+        "place the MoE layers: leave moe_layer_freq at 1. null = GPTModel.", example="*-*E*E*E")
 
     # ---- MoE (megatron-core names and semantics)
     num_moe_experts: Optional[int] = _f(None, "Routed experts E per MoE layer; null = dense model.", ge=1)
@@ -196,8 +218,26 @@ class ModelConfig:
         return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
 
     @property
+    def is_hybrid(self) -> bool:
+        """A HybridModel (``hybrid_layer_pattern`` set) rather than a GPTModel."""
+        return self.hybrid_layer_pattern is not None
+
+    @property
+    def hybrid_layer_symbols(self) -> str:
+        """The pattern's layer symbols, one per layer (``|`` removed); "" for a GPTModel."""
+        return (self.hybrid_layer_pattern or "").replace(HYBRID_PIPE, "")
+
+    @property
+    def hybrid_segments(self) -> List[str]:
+        """The pattern's pipeline segments (split at ``|``); [] for a GPTModel."""
+        return self.hybrid_layer_pattern.split(HYBRID_PIPE) if self.is_hybrid else []
+
+    @property
     def moe_layer_pattern(self) -> List[int]:
-        """1 for each MoE layer, 0 for each dense layer (Megatron's parsing of moe_layer_freq)."""
+        """1 for each MoE layer, 0 for each other layer (Megatron's parsing of moe_layer_freq; with
+        hybrid_layer_pattern: 1 for each E)."""
+        if self.is_hybrid:
+            return [1 if c == HYBRID_MOE else 0 for c in self.hybrid_layer_symbols]
         if not self.is_moe:
             return [0] * self.num_layers
         if isinstance(self.moe_layer_freq, int):
@@ -410,6 +450,8 @@ class RunConfig:
                 except ValueError as e:
                     raise _specialization_error(e) from None
             else:
+                if section_cls is ModelConfig:
+                    _check_hybrid_pattern(section)  # first: it may fill in num_layers
                 _check_fields(name, section)
         _check_cross_fields(self, check_paths=check_paths)
 
@@ -464,7 +506,11 @@ def _yaml_load(text: str, where: str):
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {e}", key=where) from None
+        hint = ""
+        if "alias" in str(e) or "anchor" in str(e):
+            hint = ("\n(a model.hybrid_layer_pattern must be quoted: * starts a YAML alias, e.g. "
+                    "hybrid_layer_pattern: \"*E*E\")")
+        raise ConfigError(f"{where}: not valid YAML: {e}{hint}", key=where) from None
 
 
 def load_yaml_file(path: str, _stack: Tuple[str, ...] = ()) -> dict:
@@ -753,6 +799,9 @@ def _check_cross_fields(cfg: RunConfig, check_paths: bool) -> None:
                    f"{m.max_position_embeddings} is smaller than model.seq_length {m.seq_length}; "
                    f"raise it or set it to null (= seq_length)")
 
+    if m.is_hybrid:
+        _check_hybrid(cfg)
+
     # ---- MoE
     moe_only = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_num_groups",
                 "moe_router_group_topk", "moe_expert_capacity_factor", "moe_z_loss_coeff")
@@ -783,10 +832,11 @@ def _check_cross_fields(cfg: RunConfig, check_paths: bool) -> None:
                    "gated (SwiGLU) expert MLP, but model.swiglu is false; set model.swiglu: true or "
                    "specialization.ortho_coeff: 0")
     if s.cp_coeff > 0 and len(m.moe_layer_indices) < 2:
+        where = ("E in model.hybrid_layer_pattern" if m.is_hybrid
+                 else "model.num_layers / model.moe_layer_freq")
         raise _err("specialization.cp_coeff",
                    f"R_cp couples adjacent MoE layers but the model has {len(m.moe_layer_indices)} MoE "
-                   f"layer(s); use at least two MoE layers (model.num_layers / model.moe_layer_freq) or "
-                   f"set specialization.cp_coeff: 0")
+                   f"layer(s); use at least two MoE layers ({where}) or set specialization.cp_coeff: 0")
 
     # ---- parallel
     if p.sp and p.tp == 1:
@@ -811,10 +861,12 @@ def _check_cross_fields(cfg: RunConfig, check_paths: bool) -> None:
         raise _err("parallel.etp", f"etp={p.resolved_etp} differs from tp={p.tp} with ep=1: megatron-core then "
                    "all-reduces the expert weight shards as if they were dense weights, which corrupts "
                    "their gradients; use ep > 1 with etp != tp, or leave etp unset (= tp)")
-    if m.num_layers % p.pp != 0:
+    if m.is_hybrid:
+        pass  # the pattern's | segments place the stages (_check_hybrid)
+    elif m.num_layers % p.pp != 0:
         raise _err("parallel.pp", f"pp={p.pp} does not divide model.num_layers {m.num_layers} "
                    f"(uneven pipeline stages are not supported here); change parallel.pp or num_layers")
-    if p.vpp is not None:
+    elif p.vpp is not None:
         if p.pp == 1:
             raise _err("parallel.vpp", "the interleaved schedule needs pp > 1; set parallel.vpp: null "
                        "or parallel.pp > 1")
@@ -850,6 +902,122 @@ def _check_cross_fields(cfg: RunConfig, check_paths: bool) -> None:
     if r not in ("auto", "none") and check_paths and not os.path.isdir(r):
         raise _err("checkpoint.resume", f"checkpoint directory {r!r} does not exist; give an existing "
                    f"checkpoint directory, or auto / none")
+
+
+def installed_megatron_core_version() -> Optional[str]:
+    """The installed megatron-core version, read from its distribution metadata (megatron is not
+    imported); None when it is not installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def hybrid_model_available() -> bool:
+    """The installed megatron-core has HybridModel (>= 0.19; model.hybrid_layer_pattern is accepted)."""
+    version = installed_megatron_core_version()
+    return version is not None and _major_minor(version) >= _major_minor(HYBRID_MIN_MEGATRON_CORE)
+
+
+def _major_minor(version: str) -> Tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+_KEY_HYBRID = "model.hybrid_layer_pattern"
+
+
+def _check_hybrid_pattern(m: "ModelConfig") -> None:
+    """model.hybrid_layer_pattern on its own: type, symbols, the megatron-core version; then fills in
+    a null model.num_layers from it. Runs before the field checks (num_layers is required)."""
+    pattern = m.hybrid_layer_pattern
+    if pattern is None:
+        return
+    if not isinstance(pattern, str):
+        raise _err(_KEY_HYBRID, f"must be a string of layer symbols (e.g. \"*-*E*E\"; quote it in YAML), "
+                   f"got {pattern!r} ({type(pattern).__name__})")
+    if HYBRID_MTP in pattern:
+        raise _err(_KEY_HYBRID, f"{pattern!r}: multi-token prediction ('/' and an MTP pattern) is not "
+                   f"supported by this driver; remove the '/...' part")
+    known = {HYBRID_ATTENTION, HYBRID_MLP, HYBRID_MOE, HYBRID_PIPE, *HYBRID_GPU_ONLY}
+    for i, c in enumerate(pattern):
+        if c == "+" or c == "D":
+            raise _err(_KEY_HYBRID, f"{pattern!r}: {'MLA' if c == '+' else 'DeepSeek sparse attention'} "
+                       f"layers ({c!r}) need megatron's multi-latent attention options, which this run "
+                       f"configuration does not have; use * (attention)")
+        if c not in known:
+            raise _err(_KEY_HYBRID, f"{pattern!r}: {c!r} (position {i}) is not a layer symbol; use * "
+                       f"(attention), - (dense MLP), E (MoE), M (Mamba), G (gated delta net), and | "
+                       f"between pipeline stages")
+    symbols = pattern.replace(HYBRID_PIPE, "")
+    if not symbols:
+        raise _err(_KEY_HYBRID, f"{pattern!r} has no layer; give one symbol per layer, e.g. \"*E*E\"")
+    version = installed_megatron_core_version()
+    if version is not None and _major_minor(version) < _major_minor(HYBRID_MIN_MEGATRON_CORE):
+        raise _err(_KEY_HYBRID, f"HybridModel needs megatron-core >= {HYBRID_MIN_MEGATRON_CORE}; this "
+                   f"environment has {version}. Upgrade (pip install "
+                   f"'megatron-core>=0.19,<0.20'), or build the GPTModel equivalent: remove "
+                   f"model.hybrid_layer_pattern and set model.num_layers and model.moe_layer_freq "
+                   f"(\"*E*E\" is num_layers: 2, moe_layer_freq: 1)")
+    gpu_only = sorted({c for c in symbols if c in HYBRID_GPU_ONLY})
+    if gpu_only:
+        # The core's rule (names the missing kernel); imports megatron, only for these patterns.
+        from megatron_moe_spec.core.hybrid import check_hybrid_pattern
+
+        try:
+            check_hybrid_pattern(pattern)
+        except (ValueError, ImportError, NotImplementedError) as e:
+            raise _err(_KEY_HYBRID, str(e)) from None
+    if m.num_layers is None:
+        m.num_layers = len(symbols)
+
+
+def _check_hybrid(cfg: RunConfig) -> None:
+    """model.hybrid_layer_pattern against the other keys, as megatron-core / Megatron-LM require."""
+    m, p = cfg.model, cfg.parallel
+    pattern, symbols = m.hybrid_layer_pattern, m.hybrid_layer_symbols
+    if m.num_layers != len(symbols):
+        raise _err("model.num_layers", f"{m.num_layers} differs from the {len(symbols)} layers of "
+                   f"model.hybrid_layer_pattern {pattern!r} (one per symbol, | excluded); set "
+                   f"num_layers: {len(symbols)} or null (derived from the pattern)")
+    n_moe = symbols.count(HYBRID_MOE)
+    if n_moe and not m.is_moe:
+        raise _err("model.num_moe_experts", f"model.hybrid_layer_pattern {pattern!r} has {n_moe} MoE "
+                   f"layer(s) (E) but num_moe_experts is null; set the number of experts")
+    if m.is_moe and not n_moe:
+        raise _err(_KEY_HYBRID, f"{pattern!r} has no MoE layer (E) but model.num_moe_experts is set; put "
+                   f"an E where a layer is MoE, or set num_moe_experts: null")
+    freq = m.moe_layer_freq
+    if not (freq == 1 or freq == m.moe_layer_pattern):
+        raise _err("model.moe_layer_freq", f"{freq} is not used by HybridModel: the E symbols of "
+                   f"model.hybrid_layer_pattern place the MoE layers; remove moe_layer_freq (default 1)")
+    segments = m.hybrid_segments
+    if len(segments) > 1:
+        if p.pp == 1:
+            raise _err(_KEY_HYBRID, f"{pattern!r}: | splits pipeline stages but parallel.pp is 1; remove "
+                       f"the | or set parallel.pp (the number of segments divided by the virtual stages)")
+        empty = [i for i, seg in enumerate(segments) if not seg]
+        if empty:
+            raise _err(_KEY_HYBRID, f"{pattern!r}: pipeline segment {empty[0]} is empty; put at least one "
+                       f"layer between two |")
+        if len(segments) % p.pp != 0:
+            raise _err("parallel.pp", f"pp={p.pp} does not divide the {len(segments)} pipeline segments of "
+                       f"model.hybrid_layer_pattern {pattern!r} (megatron's rule); change pp or the | ")
+        vpp = len(segments) // p.pp if len(segments) > p.pp else None
+        if p.vpp != vpp:
+            raise _err("parallel.vpp", f"{p.vpp}, but the {len(segments)} segments of "
+                       f"model.hybrid_layer_pattern over pp={p.pp} make vpp {vpp} (Megatron-LM derives it "
+                       f"from the pattern); set parallel.vpp: {'null' if vpp is None else vpp}")
+    elif p.pp > 1:
+        half = len(symbols) // 2
+        raise _err(_KEY_HYBRID, f"{pattern!r} has no | but parallel.pp is {p.pp}: mark the pipeline stage "
+                   f"boundaries with | (megatron deprecates the split without them), e.g. "
+                   f"{symbols[:half]!r} + '|' + {symbols[half:]!r} for pp 2")
+    elif p.vpp is not None:
+        raise _err("parallel.vpp", "virtual pipeline stages of a HybridModel are the | segments of "
+                   "model.hybrid_layer_pattern; set parallel.vpp: null")
 
 
 def _check_moe(cfg: RunConfig) -> None:
@@ -975,6 +1143,8 @@ def _check_recompute(cfg: RunConfig) -> None:
         if t.recompute_method is None:
             raise _err("training.recompute_method", "full recomputation needs a method: uniform or block")
         per_stage = m.num_layers // cfg.parallel.pp
+        if m.is_hybrid:  # each model chunk holds one | segment: the shortest bounds the unit
+            per_stage = min(len(seg) for seg in m.hybrid_segments)
         if t.recompute_num_layers is None or t.recompute_num_layers > per_stage:
             raise _err("training.recompute_num_layers", f"full recomputation needs an integer between 1 and "
                        f"the {per_stage} layers per pipeline stage, got {t.recompute_num_layers}")
@@ -1212,10 +1382,17 @@ def megatron_config_kwargs(cfg: RunConfig, cpu: Optional[bool] = None) -> dict:
         recompute_num_layers=t.recompute_num_layers,
         recompute_modules=list(t.recompute_modules) if t.recompute_modules is not None else None,
     )
+    if m.is_hybrid:
+        # As Megatron-LM's core_transformer_config_from_args for --hybrid-layer-pattern (the output
+        # layer's init scale); num_layers counts the pattern's symbols.
+        kw.update(num_layers=len(m.hybrid_layer_symbols), is_hybrid_model=True)
     if m.is_moe:
         kw.update(
             num_moe_experts=m.num_moe_experts,
-            moe_layer_freq=copy.deepcopy(m.moe_layer_freq),
+            # HybridModel places its MoE layers by the pattern's E and ignores moe_layer_freq; the
+            # 0/1 list of those E keeps config-based layer arithmetic (layer_specs.moe_layer_numbers)
+            # right for the MoE layers HybridModel builds.
+            moe_layer_freq=(list(m.moe_layer_pattern) if m.is_hybrid else copy.deepcopy(m.moe_layer_freq)),
             moe_ffn_hidden_size=m.resolved_moe_ffn_hidden_size,
             moe_router_topk=m.moe_router_topk,
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
@@ -1285,6 +1462,15 @@ def gpt_model_kwargs(cfg: RunConfig) -> dict:
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         parallel_output=True,
     )
+
+
+def hybrid_model_kwargs(cfg: RunConfig) -> dict:
+    """The ``HybridModel`` kwargs beside ``config`` and ``hybrid_stack_spec`` (a config with
+    ``model.hybrid_layer_pattern``): ``gpt_model_kwargs`` plus the pattern."""
+    if not cfg.model.is_hybrid:
+        raise ValueError("hybrid_model_kwargs: model.hybrid_layer_pattern is null (a GPTModel config); "
+                         "use gpt_model_kwargs")
+    return dict(gpt_model_kwargs(cfg), hybrid_layer_pattern=cfg.model.hybrid_layer_pattern)
 
 
 def optimizer_config_kwargs(cfg: RunConfig) -> dict:
@@ -1380,16 +1566,29 @@ def count_parameters(cfg: RunConfig) -> ParamCount:
         attn += H
     if m.qk_layernorm:
         attn += 2 * (2 * kv if m.normalization == "LayerNorm" else kv)
-    layer_common = attn + 2 * norm  # input norm + pre-MLP norm
+
+    if m.is_hybrid:
+        # HybridModel: '*' is a layer of input norm + attention, '-' pre-MLP norm + MLP, 'E' pre-MLP
+        # norm + MoE (a GPT layer is the pair *- or *E).
+        unknown = sorted({c for c in m.hybrid_layer_symbols if c not in (HYBRID_ATTENTION, HYBRID_MLP, HYBRID_MOE)})
+        if unknown:
+            raise ValueError(f"count_parameters: model.hybrid_layer_pattern has {', '.join(unknown)} layers; "
+                             f"only *, - and E are counted")
+        kinds = [(c == HYBRID_ATTENTION, c == HYBRID_MLP, c == HYBRID_MOE) for c in m.hybrid_layer_symbols]
+    else:
+        kinds = [(True, not is_moe, bool(is_moe)) for is_moe in m.moe_layer_pattern]
 
     total = active = routed = 0
-    for is_moe in m.moe_layer_pattern:
-        total += layer_common
-        active += layer_common
-        if not is_moe:
+    for has_attn, has_mlp, is_moe in kinds:
+        common = (attn + norm if has_attn else 0) + (norm if has_mlp or is_moe else 0)
+        total += common
+        active += common
+        if has_mlp:
             n = mlp(m.resolved_ffn_hidden_size)
             total += n
             active += n
+            continue
+        if not is_moe:
             continue
         E, k = m.num_moe_experts, m.moe_router_topk
         router = H * E + (E if bias else 0)

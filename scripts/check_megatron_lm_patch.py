@@ -9,6 +9,11 @@ core_v0.19.0 and main: megatron.training.models.gpt.GPTModelBuilder), runs one f
 what the patched training_log does: track_names, report_coupling_as_pair_mean, log_specialization_metrics,
 megatron's tracker report. Exits non-zero if the layers are not the expected ones or the reported
 coupling_loss is not the mean over the adjacent MoE pairs.
+HYBRID=1: the same through pretrain_hybrid.py's path instead (core_v0.18.0 and later): a HybridModel of
+--hybrid-layer-pattern "*E*-*E*E" (MoE layers 1, 5, 7; R_cp pairs (1, 5) across the dense layer, and (5, 7))
+with --spec megatron_moe_spec.megatron_lm hybrid_stack_spec (local modules), built through the patched
+hybrid_builders.hybrid_builder (core_v0.18.x) or HybridModelBuilder (core_v0.19.0, main); on megatron-core
+< 0.19 (core_v0.18.x) the hook must refuse the losses (HybridModel with the losses needs 0.19).
 Environment: SPEC_OFF=1 (no --moe-spec-* flags: stock layers expected), USE_SPEC=1 (also pass
 --spec megatron_moe_spec.megatron_lm gpt_layer_spec), ALLOW_UNTESTED_CORE=1 (lift megatron-moe-spec's
 megatron-core version guard in this process only: Megatron-LM main reports megatron-core 0.20.0, which the
@@ -63,6 +68,14 @@ sys.argv = ["pretrain_gpt.py", "--num-layers", "4", "--hidden-size", "64", "--nu
             "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--mock-data", "--lr", "1e-3",
             "--train-iters", "1", "--position-embedding-type", "rope", "--no-masked-softmax-fusion",
             "--no-bias-swiglu-fusion", "--no-rope-fusion", "--no-persist-layer-norm"]
+HYBRID = bool(os.environ.get("HYBRID"))
+PATTERN = "*E*-*E*E"
+if HYBRID:
+    assert os.path.isfile("pretrain_hybrid.py"), "HYBRID=1 needs a Megatron-LM with pretrain_hybrid.py (core_v0.18.0+)"
+    i = sys.argv.index("--num-layers")
+    sys.argv[0] = "pretrain_hybrid.py"
+    sys.argv[i:i + 2] = ["--hybrid-layer-pattern", PATTERN, "--spec", "megatron_moe_spec.megatron_lm",
+                         "hybrid_stack_spec"]
 if not os.environ.get("SPEC_OFF"):
     sys.argv += ["--moe-spec-sp-coeff", "2e-3", "--moe-spec-cp-coeff", "1e-3", "--moe-spec-metrics"]
 if os.environ.get("USE_SPEC"):
@@ -105,7 +118,32 @@ def tracker_view():
     return {k: (e.values, e.reduce_group) for k, e in get_moe_metrics_tracker().metrics.items()}
 
 
-if UPSTREAM:
+if HYBRID:
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    try:
+        if UPSTREAM:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+            from megatron.training.argument_utils import hybrid_config_from_args
+            from megatron.training.models.hybrid import HybridModelBuilder
+
+            model = HybridModelBuilder(hybrid_config_from_args(args)).build_model(
+                ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+            where = "patched HybridModelBuilder.build_model"
+        else:
+            from hybrid_builders import hybrid_builder
+            from model_provider import model_provider
+
+            model = model_provider(hybrid_builder, pre_process=True, post_process=True)
+            where = "patched hybrid_builder (model_provider)"
+    except RuntimeError as e:
+        if package_info.__version__ < "0.19" and not os.environ.get("SPEC_OFF") and "needs megatron-core >= 0.19" in str(e):
+            print(f"refused, as it must be on megatron-core {package_info.__version__}: {e}")
+            print("OK")
+            sys.exit(0)
+        raise
+    assert isinstance(model, HybridModel), type(model)
+elif UPSTREAM:
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training.argument_utils import gpt_config_from_args
     from megatron.training.models.gpt import GPTModelBuilder
@@ -131,10 +169,13 @@ out = model(input_ids=tokens[:, :-1], position_ids=torch.arange(16).expand(2, -1
             labels=tokens[:, 1:])
 out.float().mean().backward()
 
+moe_kinds = [k for k in kinds if k.endswith("MoELayer")]
 if os.environ.get("SPEC_OFF"):
-    assert kinds == ["MoELayer", "TransformerLayer"], kinds
+    assert moe_kinds == ["MoELayer"], kinds
+    assert HYBRID or kinds == ["MoELayer", "TransformerLayer"], kinds
 else:
-    assert kinds == ["SpecializationMoELayer", "SpecializationTransformerLayer"], kinds
+    assert moe_kinds == ["SpecializationMoELayer"], kinds
+    assert HYBRID or kinds == ["SpecializationMoELayer", "SpecializationTransformerLayer"], kinds
 
 
 class PrintWriter:
@@ -165,18 +206,27 @@ else:
 
     report = get_moe_metrics_tracker().report
     extra = {}
-    if "num_moe_layers" in inspect.signature(report).parameters:  # main: training_log counts them (4, no MTP)
-        extra["num_moe_layers"] = args.num_layers
+    # What training_log passes: a hybrid model's MoE layers are the E of its pattern (3 here).
+    num_layers = PATTERN.count("E") if HYBRID else args.num_layers
+    if "num_moe_layers" in inspect.signature(report).parameters:  # main: training_log counts them (no MTP)
+        extra["num_moe_layers"] = num_layers
+        num_layers = args.num_layers
     else:  # core_v0.18.0 .. core_v0.19.0
         extra["mtp_num_layers"] = args.mtp_num_layers
     report(loss_scale=1.0, iteration=1, total_loss_dict=total, force_initialize=True, track_names=names,
-           num_layers=args.num_layers, moe_layer_freq=args.moe_layer_freq, **extra)
+           num_layers=num_layers, moe_layer_freq=args.moe_layer_freq, **extra)
 print("megatron's tracker report -> total_loss_dict:", {k: round(float(v), 5) for k, v in total.items()})
 if "coupling_loss" in names:
-    pairs = per_layer["coupling_loss"][:-1]  # 4 MoE layers, one stage: pairs (1,2), (2,3), (3,4)
+    if HYBRID:  # MoE layers 1, 5, 7 (0-based): pairs (1, 5) and (5, 7), indexed by the earlier layer
+        values = per_layer["coupling_loss"]
+        pairs = [values[1], values[5]]
+        assert all(v != 0 for v in pairs) and all(v == 0 for i, v in enumerate(values) if i not in (1, 5)), values
+    else:
+        pairs = per_layer["coupling_loss"][:-1]  # 4 MoE layers, one stage: pairs (1,2), (2,3), (3,4)
+    n_moe = len(pairs) + 1
     mean = sum(pairs) / len(pairs)
     print(f"coupling_loss: mean over the {len(pairs)} pairs {mean:.5f}, reported {float(total['coupling_loss']):.5f}, "
-          f"megatron's mean over 4 MoE layers would be {sum(pairs) / 4:.5f}")
+          f"megatron's mean over {n_moe} MoE layers would be {sum(pairs) / n_moe:.5f}")
     assert abs(float(total["coupling_loss"]) - mean) <= 1e-6 * abs(mean), "coupling_loss is not the mean over pairs"
 print("OK")
 torch.distributed.destroy_process_group()

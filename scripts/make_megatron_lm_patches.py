@@ -1,5 +1,7 @@
 """Make patches/megatron-lm-*.patch: take each group's oldest ref from a Megatron-LM git directory, insert
-our lines after fixed anchor lines (each asserted unique), and `git diff` the result.
+our lines after fixed anchor lines (each asserted unique), and `git diff` the result. From core_v0.18.0 the
+patches also cover pretrain_hybrid.py and its HybridModel builder (hybrid_builders.py up to core_v0.18.2,
+megatron/training/models/hybrid.py from core_v0.19.0).
 
     python scripts/make_megatron_lm_patches.py MEGATRON_LM_GIT_DIR OUT_DIR   # e.g. OUT_DIR = patches
 
@@ -71,6 +73,30 @@ def edit_gpt_model_builder(t):
     return t[:i] + "        moe_spec.register_model(model)" + MARK + "\n" + t[i:]
 
 
+def edit_hybrid_builders(t):
+    """core_v0.18.x: hybrid_builders.hybrid_builder (pretrain_hybrid.py builds through model_provider)."""
+    t = insert_after(t, "from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_inference_stack_spec", [IMPORT])
+    t = insert_after(t, '        raise ValueError("You must provide a valid hybrid layer spec via --spec")',
+                     ["    hybrid_stack_spec = moe_spec.specialize_hybrid_stack_spec(hybrid_stack_spec, config, vp_stage)" + MARK])
+    anchor = "        vp_stage=vp_stage,\n    )\n"
+    assert t.count(anchor) == 1
+    i = t.index(anchor) + len(anchor)
+    return t[:i] + "    moe_spec.register_model(model)" + MARK + "\n" + t[i:]
+
+
+def edit_hybrid_model_builder(t):
+    """core_v0.19.0 and later: megatron/training/models/hybrid.py, HybridModelBuilder.build_model."""
+    t = insert_after(t, "from megatron.training.vocab_utils import calculate_padded_vocab_size", [IMPORT])
+    t = insert_after(t, "                hybrid_stack_spec = default_hybrid_stack_spec",
+                     ["        hybrid_stack_spec = moe_spec.specialize_hybrid_stack_spec(hybrid_stack_spec, self._model_config, vp_stage)" + MARK])
+    t = replace(t, "        return HybridModel(\n", "        model = HybridModel(" + MARK + "\n")
+    anchor = "            vp_stage=vp_stage,\n        )\n"
+    assert t.count(anchor) == 1, t.count(anchor)
+    i = t.index(anchor) + len(anchor)
+    return (t[:i] + "        moe_spec.register_model(model)" + MARK + "\n" + "        return model" + MARK + "\n"
+            + t[i:])
+
+
 # patch name: (base tag, {path: (edit, context lines)})
 PATCHES = {
     "megatron-lm-core_v0.16.1-core_v0.17.1.patch": ("core_v0.16.1", {
@@ -84,12 +110,16 @@ PATCHES = {
         "megatron/training/training.py": (lambda t: edit_training(
             t, "from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker"), 1),
         "pretrain_gpt.py": (edit_pretrain, 3),
+        "hybrid_builders.py": (edit_hybrid_builders, 3),
+        "pretrain_hybrid.py": (edit_pretrain, 3),
     }),
     "megatron-lm-core_v0.19.0-main.patch": ("core_v0.19.0", {
         "megatron/training/models/gpt.py": (edit_gpt_model_builder, 3),
         "megatron/training/training.py": (lambda t: edit_training(
             t, "from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker"), 1),
         "pretrain_gpt.py": (edit_pretrain, 3),
+        "megatron/training/models/hybrid.py": (edit_hybrid_model_builder, 3),
+        "pretrain_hybrid.py": (edit_pretrain, 3),
     }),
 }
 

@@ -39,10 +39,14 @@ PATCHED_FILES = {
     "megatron-lm-core_v0.16.1-core_v0.17.1.patch": {"pretrain_gpt.py", "gpt_builders.py",
                                                     "megatron/training/training.py"},
     "megatron-lm-core_v0.18.0-core_v0.18.2.patch": {"pretrain_gpt.py", "gpt_builders.py",
-                                                    "megatron/training/training.py"},
+                                                    "megatron/training/training.py",
+                                                    "pretrain_hybrid.py", "hybrid_builders.py"},
     "megatron-lm-core_v0.19.0-main.patch": {"pretrain_gpt.py", "megatron/training/models/gpt.py",
-                                            "megatron/training/training.py"},
+                                            "megatron/training/training.py",
+                                            "pretrain_hybrid.py", "megatron/training/models/hybrid.py"},
 }
+HYBRID_BUILDER = {"megatron-lm-core_v0.18.0-core_v0.18.2.patch": "hybrid_builders.py",
+                  "megatron-lm-core_v0.19.0-main.patch": "megatron/training/models/hybrid.py"}
 CHECKED_REFS = {
     "core_v0.16.1": "megatron-lm-core_v0.16.1-core_v0.17.1.patch",
     "core_v0.17.1": "megatron-lm-core_v0.16.1-core_v0.17.1.patch",
@@ -407,6 +411,140 @@ def megatron_report(names, num_layers, moe_layer_freq, loss_scale=1.0, mtp_num_l
     return {k: float(v) for k, v in total.items()}
 
 
+# -------------------------------------------------------------- the hybrid stack spec hook
+def _has_hybrid():
+    from megatron_moe_spec.run_config import hybrid_model_available
+
+    return hybrid_model_available()
+
+
+needs_hybrid = pytest.mark.skipif(not _has_hybrid(), reason="HybridModel needs megatron-core >= 0.19 "
+                                  "(on older versions the hook refuses: test_hybrid_hook_refuses_older_megatron_core)")
+HYBRID_PATTERN = "*E*-*E*E"  # E at 0-based 1, 5, 7: R_cp pairs (1, 5) across a dense layer, and (5, 7)
+
+
+def hybrid_args(run_args, *argv):
+    args = run_args(*argv)
+    args.hybrid_layer_pattern = HYBRID_PATTERN
+    args.moe_router_load_balancing_type, args.moe_z_loss_coeff = "aux_loss", None
+    return args
+
+
+def hybrid_config():
+    return tiny_config(num_layers=len(HYBRID_PATTERN))
+
+
+@needs_hybrid
+def test_hybrid_hook_leaves_the_spec_alone_when_off(run_args):
+    from megatron_moe_spec.core.hybrid import local_hybrid_stack_spec
+
+    config = hybrid_config()
+    stock = local_hybrid_stack_spec(config)
+    assert megatron_lm.specialize_hybrid_stack_spec(stock, config, None) is stock  # no Megatron-LM args
+    hybrid_args(run_args)
+    assert megatron_lm.specialize_hybrid_stack_spec(stock, config, None) is stock
+    # --spec megatron_moe_spec.megatron_lm hybrid_stack_spec: the callable is resolved, stock modules
+    out = megatron_lm.specialize_hybrid_stack_spec(megatron_lm.hybrid_stack_spec, config, None)
+    assert out.module.__name__ == "LocalHybridStack"
+    assert out.submodules.moe_layer.module.__name__ == "MoETransformerLayer"
+
+
+@needs_hybrid
+def test_one_hybrid_step_through_the_hooks(run_args):
+    """pretrain_hybrid.py's path on CPU: --spec megatron_moe_spec.megatron_lm hybrid_stack_spec ->
+    specialize_hybrid_stack_spec -> HybridModel -> register_model -> forward/backward -> our losses on the E
+    layers only, R_cp reported as the mean over its 2 pairs by megatron's own report, the metrics hook."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_moe_spec.core import layer_metrics, moe_tracker
+
+    args = hybrid_args(run_args, "--moe-spec-sp-coeff", "2e-3", "--moe-spec-cp-coeff", "1e-3", "--moe-spec-metrics")
+    moe_tracker.forget(["load_balancing_loss"])  # sized by the GPT tests' 4 layers; this model has 8
+    config = hybrid_config()
+    spec = megatron_lm.specialize_hybrid_stack_spec(megatron_lm.hybrid_stack_spec, config, None)
+    assert spec.module.__name__ == "SpecializationHybridStack"
+    assert megatron_lm.specialize_hybrid_stack_spec(spec, config, None) is spec  # the next chunk: no-op
+    assert layer_metrics.registered_layers() == [2, 6, 8]
+    assert megatron_lm._STATE.coupling == slots([1, 5], [7])
+    assert {"specialization_loss", "coupling_loss"} <= set(moe_tracker.recorded_names())
+
+    torch.manual_seed(0)
+    model = HybridModel(config=config, hybrid_stack_spec=spec, vocab_size=128, max_sequence_length=16,
+                        hybrid_layer_pattern=HYBRID_PATTERN, position_embedding_type="rope")
+    megatron_lm.register_model(model)
+    assert len(megatron_lm._STATE.layers) == 3
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=tokens[:, :-1], position_ids=torch.arange(16).expand(2, -1), attention_mask=None,
+                labels=tokens[:, 1:])
+    out.float().mean().backward()
+
+    names = megatron_lm.track_names(args)
+    assert names == ["load_balancing_loss", "specialization_loss", "coupling_loss"]
+    sp = moe_tracker.values("specialization_loss").tolist()
+    cp = moe_tracker.values("coupling_loss").tolist()
+    assert [i for i, v in enumerate(sp) if v != 0] == [1, 5, 7]
+    assert [i for i, v in enumerate(cp) if v != 0] == [1, 5]
+    # What training_log does on megatron-core 0.19: our hook, then megatron's report over the E layers.
+    args.num_layers, args.moe_layer_freq, args.mtp_num_layers = len(HYBRID_PATTERN), 1, None
+    assert megatron_lm.megatron_moe_layer_count(args) == 3
+    megatron_lm.report_coupling_as_pair_mean(args)
+    reported = megatron_report(names, num_layers=3, moe_layer_freq=1)
+    assert reported["coupling_loss"] == pytest.approx((cp[1] + cp[5]) / 2, rel=1e-6)  # not / 3
+    assert reported["specialization_loss"] == pytest.approx(sum(sp) / 3, rel=1e-6)
+    scalars = megatron_lm.log_specialization_metrics(1, FakeWriter(), None)
+    assert {"moe/routing_entropy", "moe/load_cv", "moe/pathway_nmi"} <= set(scalars)
+
+
+@needs_hybrid
+def test_hybrid_hook_refuses_what_it_cannot_serve(run_args):
+    from megatron_moe_spec.core.hybrid import local_hybrid_stack_spec
+
+    args = hybrid_args(run_args, "--moe-spec-sp-coeff", "2e-3")
+    config = hybrid_config()
+    args.hybrid_layer_pattern = "*E*-*E*E/*E"
+    with pytest.raises(ValueError, match="multi-token prediction"):
+        megatron_lm.specialize_hybrid_stack_spec(local_hybrid_stack_spec(config), config, None)
+    args.hybrid_layer_pattern = None
+    with pytest.raises(ValueError, match="needs --hybrid-layer-pattern"):
+        megatron_lm.specialize_hybrid_stack_spec(local_hybrid_stack_spec(config), config, None)
+
+
+def test_hybrid_hook_refuses_older_megatron_core(run_args, monkeypatch):
+    from packaging.version import Version
+
+    from megatron_moe_spec.core import version
+
+    monkeypatch.setattr(version, "megatron_core_version", lambda: Version("0.18.2"))
+    hybrid_args(run_args, "--moe-spec-sp-coeff", "2e-3")
+    with pytest.raises(RuntimeError, match=r"needs megatron-core >= 0.19.*0\.18\.2.*core_v0\.19\.0"):
+        megatron_lm.specialize_hybrid_stack_spec(object(), types.SimpleNamespace(), None)
+    run_args()  # off: nothing is refused, the spec passes through
+    spec = object()
+    assert megatron_lm.specialize_hybrid_stack_spec(spec, types.SimpleNamespace(), None) is spec
+
+
+@pytest.mark.parametrize("pattern, mtp, repeated, new_report, expected", [
+    ("*E*-*E*E", None, False, False, 3),   # core_v0.18.0 .. core_v0.19.0: report(num_layers=<E>, freq 1)
+    ("*E*E/*E/*E", 2, False, False, 6),    # <E> counts the MTP depths' E (4), + mtp_num_layers (2)
+    ("*E*E/*E/*E", 2, False, True, 4),     # main: main E + MTP E per depth
+    ("*E*E/*E/*E", 2, True, True, 3),      # main, --mtp-use-repeated-layer: once
+    ("*E|*E*-", None, False, True, 2),
+])
+def test_megatron_moe_layer_count_of_a_hybrid_pattern(monkeypatch, pattern, mtp, repeated, new_report, expected):
+    monkeypatch.setattr(megatron_lm, "_report_takes_num_moe_layers", lambda: new_report)
+    args = types.SimpleNamespace(num_layers=8, moe_layer_freq=1, mtp_num_layers=mtp, mtp_use_repeated_layer=repeated,
+                                 hybrid_layer_pattern=pattern)
+    assert megatron_lm.megatron_moe_layer_count(args) == expected
+
+
+def test_hybrid_coupling_slots_follow_the_pattern_and_its_segments():
+    assert megatron_lm.hybrid_coupling_slots("*E*-*E*E") == slots([1, 5], [7])
+    assert megatron_lm.hybrid_coupling_slots("*E*-|*E*E", "skip") == slots([5], [1, 7])  # (1, 5) crosses |
+    assert megatron_lm.hybrid_coupling_slots("*E*-|*E*E", "exact") == slots([1, 5], [7])
+
+
 # ------------------------------------------------------------------- R_cp: the mean over pairs
 def slots(pairs, pairless):
     return megatron_lm.CouplingSlots(tuple(pairs), tuple(pairless))
@@ -607,19 +745,33 @@ def test_patch_is_a_small_well_formed_diff_of_the_expected_files(patch):
     assert set(files) == PATCHED_FILES[patch]
     added = [l[1:] for hunks in files.values() for h in hunks for l in h[4] if l.startswith("+")]
     removed = [l[1:] for hunks in files.values() for h in hunks for l in h[4] if l.startswith("-")]
-    assert len(added) <= 12 and len(removed) <= 2, (added, removed)
+    assert len(added) <= 20 and len(removed) <= 3, (added, removed)
     # Every file imports the hooks once; every added line is ours (marked) or the continuation
     # of a marked statement; the only removed line is the extra_args_provider it wraps.
     for path, hunks in files.items():
         plus = [l[1:] for h in hunks for l in h[4] if l.startswith("+")]
         assert plus.count("from megatron_moe_spec import megatron_lm as moe_spec  # megatron-moe-spec") == 1, path
     assert all(l.endswith("  # megatron-moe-spec") for l in added), added
-    assert removed == ["        extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,"]
+    # Removed: the extra_args_provider line of each entry point (pretrain_gpt.py, and pretrain_hybrid.py
+    # from core_v0.18.0); core_v0.19.0's HybridModelBuilder returns HybridModel(...) directly, which the
+    # patch turns into model = HybridModel(...) to register it.
+    provider = "        extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,"
+    entry_points = [p for p in ("pretrain_gpt.py", "pretrain_hybrid.py") if p in files]
+    expected_removed = [provider] * len(entry_points)
+    if patch == "megatron-lm-core_v0.19.0-main.patch":
+        expected_removed.append("        return HybridModel(")
+    assert sorted(removed) == sorted(expected_removed), removed
     # training_log: our names, then the R_cp fix, both before megatron's report (one hunk).
     hooks = [l[1:].split("(")[0].strip() for h in files["megatron/training/training.py"] for l in h[4]
              if l.startswith("+") and "import" not in l]
     assert hooks == ["track_names = moe_spec.track_names", "moe_spec.report_coupling_as_pair_mean",
                      "moe_spec.log_specialization_metrics"]
+    # The hybrid builder: the stack spec through our hook, then register_model on the built model.
+    if patch in HYBRID_BUILDER:
+        hooks = [l[1:].strip() for h in files[HYBRID_BUILDER[patch]] for l in h[4]
+                 if l.startswith("+") and "import" not in l]
+        assert hooks[0].startswith("hybrid_stack_spec = moe_spec.specialize_hybrid_stack_spec(hybrid_stack_spec, ")
+        assert [h for h in hooks if "register_model" in h] == ["moe_spec.register_model(model)  # megatron-moe-spec"]
 
 
 @pytest.mark.parametrize("patch", sorted(PATCHED_FILES))
@@ -628,13 +780,18 @@ def test_patch_calls_only_functions_that_exist(patch):
         added = [l[1:] for l in f.read().splitlines() if l.startswith("+") and not l.startswith("+++")]
     called = set(re.findall(r"\bmoe_spec\.(\w+)\(", "\n".join(added)))
     assert called == {"chain_extra_args_provider", "specialize_layer_spec", "register_model", "track_names",
-                      "report_coupling_as_pair_mean", "log_specialization_metrics"}
+                      "report_coupling_as_pair_mean", "log_specialization_metrics"} | (
+                          {"specialize_hybrid_stack_spec"} if patch in HYBRID_BUILDER else set())
     for name in called:
         assert callable(getattr(megatron_lm, name, None)), name
     # Each added line is valid Python on its own: a statement, or a keyword argument of the call
     # it sits in (the patched files themselves are byte-compiled, see docs/megatron_lm.md).
     for line in added:
         stmt = line.strip()
+        code = stmt.split("  # megatron-moe-spec")[0]
+        if code.endswith("("):  # model = HybridModel(: the opening of megatron's own call
+            ast.parse(code + ")")
+            continue
         try:
             ast.parse(stmt)
         except SyntaxError:

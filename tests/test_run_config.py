@@ -17,6 +17,7 @@ from megatron_moe_spec.run_config import (
     RunConfig,
     count_parameters,
     gpt_model_kwargs,
+    hybrid_model_available,
     load_run_config,
     lr_scheduler_kwargs,
     megatron_config_kwargs,
@@ -28,7 +29,10 @@ from megatron_moe_spec.specialization_config import SpecializationConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
-RUNNABLE = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")) + glob.glob(os.path.join(CONFIGS, "paper", "*.yaml")))
+# The *_hybrid.yaml configs build a HybridModel (megatron-core >= 0.19): on older versions they are refused
+# (tests/test_run_config_hybrid.py checks the refusal) and left out here.
+RUNNABLE = sorted(p for p in glob.glob(os.path.join(CONFIGS, "*.yaml")) + glob.glob(os.path.join(CONFIGS, "paper", "*.yaml"))
+                  if hybrid_model_available() or not p.endswith("_hybrid.yaml"))
 VARIANTS = sorted(glob.glob(os.path.join(CONFIGS, "variants", "*.yaml")))
 TINY = os.path.join(CONFIGS, "tiny_vanilla.yaml")
 
@@ -107,6 +111,8 @@ def test_every_base_composes_with_every_variant(base, variant):
 
 def test_paper_coefficients():
     for path in glob.glob(os.path.join(CONFIGS, "paper", "*.yaml")):
+        if path not in RUNNABLE:
+            continue
         cfg = load_run_config([path])
         assert cfg.model.moe_aux_loss_coeff == 1e-2
         assert cfg.specialization.sp_coeff == 2e-3

@@ -4,7 +4,8 @@ Read in this order (one concept per file):
 
 - ``distributed.py``  torchrun environment -> torch.distributed (nccl on GPU, gloo + the CPU backend
   without CUDA) -> megatron-core's ``parallel_state`` -> seeds.
-- ``model.py``        ``GPTModel`` chunks from ``core.layer_specs.get_moe_block_spec``, megatron's
+- ``model.py``        ``GPTModel`` chunks from ``core.layer_specs.get_moe_block_spec`` (``HybridModel``
+  chunks from ``core.hybrid.get_hybrid_stack_spec`` with ``model.hybrid_layer_pattern``), megatron's
   ``DistributedDataParallel``, ``get_megatron_optimizer`` and ``OptimizerParamScheduler``.
 - ``data.py``         megatron-core ``GPTDataset``s (``megatron_moe_spec.data``), partitioned per
   data-parallel rank like Megatron-LM's pretraining sampler, broadcast over tensor parallelism.

@@ -2,7 +2,8 @@
 
     init: torch.distributed + parallel_state + seeds        (distributed.py)
     data: train / valid datasets                            (data.py)
-    model: GPTModel chunks, DDP, optimizer, lr schedule     (model.py)
+    model: GPTModel / HybridModel chunks, DDP, optimizer,   (model.py)
+           lr schedule
     resume from a checkpoint                                (checkpointing.py)
     loop:
         batches of this data-parallel rank for the step     (data.py)
@@ -53,11 +54,17 @@ def train(cfg) -> Optional[Dict[str, float]]:
         cfg.save(os.path.join(run_dir, "config.yaml"))
         for w in cfg.warnings():
             print(f"warning: {w}", flush=True)
-        pc = count_parameters(cfg)
-        print(f"run {run_dir}: world size {sizes.world_size} (tp {sizes.tp}, pp {sizes.pp}, cp {sizes.cp}, "
-              f"dp {sizes.dp}, ep {sizes.ep}, etp {sizes.etp}), {sizes.num_microbatches} micro-batch(es) of "
-              f"{sizes.micro_batch_size} x {cfg.model.seq_length} tokens per rank per step; "
-              f"{pc.total:,} parameters ({pc.active:,} active)", flush=True)
+        try:
+            pc = count_parameters(cfg)
+            params = f"{pc.total:,} parameters ({pc.active:,} active)"
+        except ValueError as e:  # a hybrid pattern with layer families the count does not cover
+            params = f"parameters not counted ({e})"
+        model_name = (f"HybridModel {cfg.model.hybrid_layer_pattern!r}" if cfg.model.is_hybrid
+                      else f"GPTModel, {cfg.model.num_layers} layers")
+        print(f"run {run_dir}: {model_name}; world size {sizes.world_size} (tp {sizes.tp}, pp {sizes.pp}, "
+              f"cp {sizes.cp}, dp {sizes.dp}, ep {sizes.ep}, etp {sizes.etp}), {sizes.num_microbatches} "
+              f"micro-batch(es) of {sizes.micro_batch_size} x {cfg.model.seq_length} tokens per rank per step; "
+              f"{params}", flush=True)
 
     # ------------------------------------------------------------------ data, model, optimizer
     data = build_data(cfg, sizes)
@@ -77,7 +84,8 @@ def train(cfg) -> Optional[Dict[str, float]]:
                                       data.num_domains, eps=spec.eps)
     aux_names = tracker.register(cfg, config.num_layers + (config.mtp_num_layers or 0))
     moe_modules = moe_layers(model)
-    coupling = tracker.coupling_layers(config, spec.cp_pipeline) if moe_indices else []
+    coupling = (tracker.coupling_layers(config, spec.cp_pipeline, cfg.model.hybrid_layer_pattern)
+                if moe_indices else [])
 
     # ------------------------------------------------------------------ resume
     iteration, consumed = 0, 0

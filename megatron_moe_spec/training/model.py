@@ -1,9 +1,13 @@
-"""The model (GPTModel chunks with the specialization layer spec, DDP-wrapped), optimizer and schedule.
+"""The model (GPTModel or HybridModel chunks with the specialization spec, DDP-wrapped), optimizer and
+schedule.
 
 One ``GPTModel`` per virtual pipeline stage of this rank (one chunk without the interleaved schedule),
 each built from ``core.layer_specs.get_moe_block_spec``: megatron's own GPT block spec with the
 specialization router / MoE layer / transformer layer substituted in (stock megatron when every loss
-and the metrics are off). Wrapped in megatron's ``DistributedDataParallel``; optimizer from
+and the metrics are off). With ``model.hybrid_layer_pattern`` a ``HybridModel`` per virtual stage
+instead (megatron-core >= 0.19), from ``core.hybrid.get_hybrid_stack_spec``: megatron's hybrid stack
+spec with the same substitution in its ``moe_layer``; each chunk builds its ``|`` segment of the
+pattern. Wrapped in megatron's ``DistributedDataParallel``; optimizer from
 ``get_megatron_optimizer`` (separate dense and expert optimizers, chained), schedule from
 ``OptimizerParamScheduler`` stepped once per iteration.
 """
@@ -39,18 +43,22 @@ def build_model(cfg, config, cuda: bool) -> List[torch.nn.Module]:
 
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
     use_te = config.transformer_impl == "transformer_engine"  # model.transformer_impl, auto resolved
+    hybrid_spec = _hybrid_stack_spec(cfg, config, use_te) if cfg.model.is_hybrid else None
     chunks = []
     for vp_stage in range(vpp):
         stage = vp_stage if vpp > 1 else None
-        spec = get_moe_block_spec(config, cfg.specialization, use_transformer_engine=use_te, vp_stage=stage)
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            vp_stage=stage,
-            **gpt_model_kwargs(cfg),
-        )
+        edges = dict(pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                     post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                     vp_stage=stage)
+        if hybrid_spec is not None:
+            from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+            from megatron_moe_spec.run_config import hybrid_model_kwargs
+
+            model = HybridModel(config=config, hybrid_stack_spec=hybrid_spec, **edges, **hybrid_model_kwargs(cfg))
+        else:
+            spec = get_moe_block_spec(config, cfg.specialization, use_transformer_engine=use_te, vp_stage=stage)
+            model = GPTModel(config=config, transformer_layer_spec=spec, **edges, **gpt_model_kwargs(cfg))
         if cuda:
             model.cuda(torch.cuda.current_device())
         if config.fp16 or config.bf16:
@@ -74,6 +82,15 @@ def build_model(cfg, config, cuda: bool) -> List[torch.nn.Module]:
     ]
 
 
+def _hybrid_stack_spec(cfg, config, use_te: bool):
+    """megatron's HybridStack spec with the losses substituted in (one spec: every model chunk selects
+    its own ``|`` segment of the pattern)."""
+    from megatron_moe_spec.core.hybrid import get_hybrid_stack_spec
+
+    return get_hybrid_stack_spec(config, cfg.specialization, hybrid_layer_pattern=cfg.model.hybrid_layer_pattern,
+                                 use_transformer_engine=use_te)
+
+
 def build_optimizer(cfg, model_chunks) -> Tuple[object, object]:
     """megatron's optimizer over the chunks and its ``OptimizerParamScheduler`` (in iterations)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -94,7 +111,7 @@ def moe_layers(model_chunks):
 
 
 def unwrap(chunk):
-    """The GPTModel inside megatron's DDP (and Float16Module) wrappers."""
+    """The GPTModel / HybridModel inside megatron's DDP (and Float16Module) wrappers."""
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
