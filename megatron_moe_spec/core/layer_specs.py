@@ -142,8 +142,13 @@ def enabled_loss_names(spec_config: SpecializationConfig) -> List[str]:
     return [name for name, coeff in pairs if coeff > 0]
 
 
-def moe_layer_numbers(config) -> List[int]:
-    """1-based numbers of the MoE layers of the whole model (megatron's moe_layer_freq rule)."""
+def moe_layer_numbers(config, pattern: Optional[str] = None) -> List[int]:
+    """1-based numbers of the MoE layers of the whole model: megatron's moe_layer_freq rule for a
+    GPTModel, or the ``E`` layers of a HybridModel's ``hybrid_layer_pattern`` (``pattern``)."""
+    if pattern is not None:
+        from megatron_moe_spec.core.hybrid import hybrid_moe_layer_numbers
+
+        return list(hybrid_moe_layer_numbers(pattern))
     freq = config.moe_layer_freq
     if isinstance(freq, int):
         pattern = [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
@@ -152,31 +157,36 @@ def moe_layer_numbers(config) -> List[int]:
     return [i + 1 for i, is_moe in enumerate(pattern) if is_moe]
 
 
-def cross_stage_pairs(config, moe_layers: List[int]) -> List[tuple]:
-    """Adjacent MoE layer pairs (l, l') that live on different pipeline stages / model chunks."""
+def cross_stage_pairs(config, moe_layers: List[int], pattern: Optional[str] = None) -> List[tuple]:
+    """Adjacent MoE layer pairs (l, l') that live on different pipeline stages / model chunks.
+
+    ``pattern``: a HybridModel's ``hybrid_layer_pattern``, whose ``|`` segments place the layers
+    (stage_transport.pipeline_owner); None for a GPTModel."""
     pp = config.pipeline_model_parallel_size or 1
     vpp = config.virtual_pipeline_model_parallel_size or 1
     if pp == 1 and vpp == 1:
         return []
-    owner = functools.partial(stage_transport.pipeline_owner, config)
+    owner = functools.partial(stage_transport.pipeline_owner, config, pattern=pattern)
     return [(a, b) for a, b in zip(moe_layers[:-1], moe_layers[1:]) if owner(a) != owner(b)]
 
 
-def coupled_layers(config, cp_pipeline: str = "exact") -> List[int]:
+def coupled_layers(config, cp_pipeline: str = "exact", pattern: Optional[str] = None) -> List[int]:
     """The 0-based layers that carry an R_cp value (the tracker's ``coupling_loss/layer_i``): the first
-    layer of each adjacent MoE pair, less the pairs across pipeline stages under ``cp_pipeline: skip``."""
-    numbers = moe_layer_numbers(config)
-    split = {a for a, _ in cross_stage_pairs(config, numbers)} if cp_pipeline == "skip" else set()
+    layer of each adjacent MoE pair, less the pairs across pipeline stages under ``cp_pipeline: skip``.
+    ``pattern``: a HybridModel's ``hybrid_layer_pattern`` (its ``E`` layers pair, whatever lies
+    between); None for a GPTModel."""
+    numbers = moe_layer_numbers(config, pattern)
+    split = {a for a, _ in cross_stage_pairs(config, numbers, pattern)} if cp_pipeline == "skip" else set()
     return [n - 1 for n in numbers[:-1] if n not in split]
 
 
 _WARNED_PAIRS = set()
 
 
-def warn_cross_stage_pairs(config, moe_layers: List[int]) -> None:
+def warn_cross_stage_pairs(config, moe_layers: List[int], pattern: Optional[str] = None) -> None:
     """``cp_pipeline: skip``: name the pairs left out, once per process, with the 0-based layer
-    indices of the logs (``coupling_loss/layer_i``)."""
-    pairs = tuple(cross_stage_pairs(config, moe_layers))
+    indices of the logs (``coupling_loss/layer_i``). ``pattern``: as in :func:`cross_stage_pairs`."""
+    pairs = tuple(cross_stage_pairs(config, moe_layers, pattern))
     if pairs and pairs not in _WARNED_PAIRS:
         _WARNED_PAIRS.add(pairs)
         names = ", ".join(f"({a - 1}, {b - 1})" for a, b in pairs)
