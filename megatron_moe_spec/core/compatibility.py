@@ -440,12 +440,13 @@ def _on(config, name: str) -> bool:
     return bool(getattr(config, name, None))
 
 
-def check_compatibility(config, spec_config) -> None:
+def check_compatibility(config, spec_config, hybrid_layer_pattern=None) -> None:
     """Refuse, with the fix, what the losses cannot serve exactly; note the harmless cases once.
 
     ``config``: megatron-core's ``TransformerConfig`` (fields a version lacks count as off);
     ``spec_config``: a ``SpecializationConfig``. Raises ``ValueError`` with the one-line message of
     the refused option's row in :data:`OPTIONS`. Off (no loss, no metrics) refuses nothing.
+    ``hybrid_layer_pattern``: a HybridModel's pattern (its ``E`` layers are the MoE layers).
     """
     if not spec_config.enabled:
         return
@@ -500,7 +501,7 @@ def check_compatibility(config, spec_config) -> None:
             raise refusal("moe_shared_expert_overlap")
 
     if spec_config.cp_coeff > 0:
-        moe_layers = moe_layer_numbers(config)
+        moe_layers = moe_layer_numbers(config, hybrid_layer_pattern)
         if len(moe_layers) < 2:
             raise refusal("moe_layer_freq")
         if config.recompute_granularity == "full" and config.recompute_method != "uniform":

@@ -115,7 +115,14 @@ def substitute_layer_spec(layer_spec: ModuleSpec, spec_config: SpecializationCon
     """One layer spec with our TransformerLayer (always) and MoE layer / router (MoE layers)."""
     if layer_spec.module is not TransformerLayer:
         raise TypeError(f"expected a TransformerLayer spec, got {layer_spec.module}")
-    submodules = layer_spec.submodules
+    submodules, _ = substitute_moe_mlp(layer_spec.submodules, spec_config)
+    return dataclasses.replace(layer_spec, module=SpecializationTransformerLayer, submodules=submodules)
+
+
+def substitute_moe_mlp(submodules, spec_config: SpecializationConfig):
+    """``(submodules, found)``: a layer's ``TransformerLayerSubmodules`` with megatron's ``MoELayer``
+    (a ``ModuleSpec``, or from 0.18 a ``functools.partial``) replaced by ``SpecializationMoELayer`` with
+    ``SpecializationRouter``; ``found`` says whether the mlp was an ``MoELayer`` (else unchanged)."""
     mlp = submodules.mlp
     if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
         moe_submodules: MoESubmodules = mlp.submodules
@@ -124,14 +131,14 @@ def substitute_layer_spec(layer_spec: ModuleSpec, spec_config: SpecializationCon
             submodules=dataclasses.replace(moe_submodules, router=SpecializationRouter),
             params={**(mlp.params or {}), "spec_config": spec_config},
         )
-        submodules = dataclasses.replace(submodules, mlp=mlp)
     elif isinstance(mlp, functools.partial) and mlp.func is MoELayer:
         # megatron-core >= 0.19 specs the MoE layer as functools.partial(MoELayer, submodules=...).
         keywords = dict(mlp.keywords)
         keywords["submodules"] = dataclasses.replace(keywords["submodules"], router=SpecializationRouter)
         mlp = functools.partial(SpecializationMoELayer, *mlp.args, spec_config=spec_config, **keywords)
-        submodules = dataclasses.replace(submodules, mlp=mlp)
-    return dataclasses.replace(layer_spec, module=SpecializationTransformerLayer, submodules=submodules)
+    else:
+        return submodules, False
+    return dataclasses.replace(submodules, mlp=mlp), True
 
 
 def enabled_loss_names(spec_config: SpecializationConfig) -> List[str]:
@@ -142,13 +149,13 @@ def enabled_loss_names(spec_config: SpecializationConfig) -> List[str]:
     return [name for name, coeff in pairs if coeff > 0]
 
 
-def moe_layer_numbers(config, pattern: Optional[str] = None) -> List[int]:
-    """1-based numbers of the MoE layers of the whole model: megatron's moe_layer_freq rule for a
-    GPTModel, or the ``E`` layers of a HybridModel's ``hybrid_layer_pattern`` (``pattern``)."""
-    if pattern is not None:
+def moe_layer_numbers(config, hybrid_layer_pattern: Optional[str] = None) -> List[int]:
+    """1-based numbers of the MoE layers of the whole model: megatron's moe_layer_freq rule (GPTModel),
+    or the ``E`` layers of ``hybrid_layer_pattern`` (HybridModel; ``core.hybrid.hybrid_moe_layer_numbers``)."""
+    if hybrid_layer_pattern is not None:
         from megatron_moe_spec.core.hybrid import hybrid_moe_layer_numbers
 
-        return list(hybrid_moe_layer_numbers(pattern))
+        return hybrid_moe_layer_numbers(hybrid_layer_pattern)
     freq = config.moe_layer_freq
     if isinstance(freq, int):
         pattern = [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
@@ -157,36 +164,38 @@ def moe_layer_numbers(config, pattern: Optional[str] = None) -> List[int]:
     return [i + 1 for i, is_moe in enumerate(pattern) if is_moe]
 
 
-def cross_stage_pairs(config, moe_layers: List[int], pattern: Optional[str] = None) -> List[tuple]:
+def cross_stage_pairs(config, moe_layers: List[int], hybrid_layer_pattern: Optional[str] = None) -> List[tuple]:
     """Adjacent MoE layer pairs (l, l') that live on different pipeline stages / model chunks.
 
-    ``pattern``: a HybridModel's ``hybrid_layer_pattern``, whose ``|`` segments place the layers
+    ``hybrid_layer_pattern``: a HybridModel's pattern, whose ``|`` segments place the layers
     (stage_transport.pipeline_owner); None for a GPTModel."""
     pp = config.pipeline_model_parallel_size or 1
     vpp = config.virtual_pipeline_model_parallel_size or 1
     if pp == 1 and vpp == 1:
         return []
-    owner = functools.partial(stage_transport.pipeline_owner, config, pattern=pattern)
+    owner = functools.partial(stage_transport.pipeline_owner, config, hybrid_layer_pattern=hybrid_layer_pattern)
     return [(a, b) for a, b in zip(moe_layers[:-1], moe_layers[1:]) if owner(a) != owner(b)]
 
 
-def coupled_layers(config, cp_pipeline: str = "exact", pattern: Optional[str] = None) -> List[int]:
+def coupled_layers(config, cp_pipeline: str = "exact", hybrid_layer_pattern: Optional[str] = None) -> List[int]:
     """The 0-based layers that carry an R_cp value (the tracker's ``coupling_loss/layer_i``): the first
     layer of each adjacent MoE pair, less the pairs across pipeline stages under ``cp_pipeline: skip``.
-    ``pattern``: a HybridModel's ``hybrid_layer_pattern`` (its ``E`` layers pair, whatever lies
-    between); None for a GPTModel."""
-    numbers = moe_layer_numbers(config, pattern)
-    split = {a for a, _ in cross_stage_pairs(config, numbers, pattern)} if cp_pipeline == "skip" else set()
+    HybridModel: pass its ``hybrid_layer_pattern`` (the indices are the ``E`` layers' positions in it;
+    its ``|`` segments place them on the stages)."""
+    numbers = moe_layer_numbers(config, hybrid_layer_pattern)
+    split = ({a for a, _ in cross_stage_pairs(config, numbers, hybrid_layer_pattern)}
+             if cp_pipeline == "skip" else set())
     return [n - 1 for n in numbers[:-1] if n not in split]
 
 
 _WARNED_PAIRS = set()
 
 
-def warn_cross_stage_pairs(config, moe_layers: List[int], pattern: Optional[str] = None) -> None:
+def warn_cross_stage_pairs(config, moe_layers: List[int], hybrid_layer_pattern: Optional[str] = None) -> None:
     """``cp_pipeline: skip``: name the pairs left out, once per process, with the 0-based layer
-    indices of the logs (``coupling_loss/layer_i``). ``pattern``: as in :func:`cross_stage_pairs`."""
-    pairs = tuple(cross_stage_pairs(config, moe_layers, pattern))
+    indices of the logs (``coupling_loss/layer_i``). ``hybrid_layer_pattern``: as in
+    :func:`cross_stage_pairs`."""
+    pairs = tuple(cross_stage_pairs(config, moe_layers, hybrid_layer_pattern))
     if pairs and pairs not in _WARNED_PAIRS:
         _WARNED_PAIRS.add(pairs)
         names = ", ".join(f"({a - 1}, {b - 1})" for a, b in pairs)

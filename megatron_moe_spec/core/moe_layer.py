@@ -272,7 +272,8 @@ class SpecializationMoELayer(MoELayer):
                 pattern = self.hybrid_layer_pattern
                 numbers = moe_layer_numbers(self.config, pattern)
                 i = numbers.index(self.layer_number)
-                owner = functools.partial(stage_transport.pipeline_owner, self.config, pattern=pattern)
+                owner = functools.partial(stage_transport.pipeline_owner, self.config,
+                                          hybrid_layer_pattern=pattern)
                 mine = owner(self.layer_number)
                 if i > 0 and owner(numbers[i - 1]) != mine:
                     previous = (numbers[i - 1], owner(numbers[i - 1])[0])

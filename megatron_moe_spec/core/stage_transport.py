@@ -31,18 +31,18 @@ _GROUPS: Dict[Tuple[int, ...], object] = {}
 _PENDING: List[object] = []
 
 
-def pipeline_owner(config, layer_number: int, pattern: Optional[str] = None) -> Tuple[int, int]:
+def pipeline_owner(config, layer_number: int, hybrid_layer_pattern: Optional[str] = None) -> Tuple[int, int]:
     """(pipeline rank, virtual stage) that builds the 1-based global ``layer_number``.
 
-    ``pattern``: a HybridModel's ``hybrid_layer_pattern`` (its layers are placed by the pattern's
-    ``|`` segments, :func:`hybrid_pipeline_segments`); None for a GPTModel (megatron's
+    ``hybrid_layer_pattern``: a HybridModel's pattern (its layers are placed by the pattern's ``|``
+    segments, :func:`hybrid_pipeline_segments`); None for a GPTModel (megatron's
     ``get_transformer_layer_offset`` / ``get_num_layers_to_build`` rule)."""
-    if pattern is not None:
-        for rank, vp, offset, count in hybrid_pipeline_segments(config, pattern):
+    if hybrid_layer_pattern is not None:
+        for rank, vp, offset, count in hybrid_pipeline_segments(config, hybrid_layer_pattern):
             if offset < layer_number <= offset + count:
                 return rank, vp
-        raise ValueError(f"layer {layer_number} of hybrid_layer_pattern {pattern!r} is built by no "
-                         "pipeline stage")
+        raise ValueError(f"layer {layer_number} of hybrid_layer_pattern {hybrid_layer_pattern!r} is built "
+                         "by no pipeline stage")
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 

@@ -31,8 +31,11 @@ class _DropUnknownMlpWarning(logging.Filter):
         return "Unknown MLP type" not in record.getMessage()
 
 
-class SpecializationTransformerLayer(TransformerLayer):
-    """``TransformerLayer`` + the routing carry of R_cp (see the module docstring)."""
+class RoutingCarryMixin:
+    """The routing carry of R_cp and the ``pg_collection`` hand-over, for any ``TransformerLayer``
+    subclass (see the module docstring): ``SpecializationTransformerLayer`` (GPT blocks) and
+    ``core.hybrid.SpecializationMoETransformerLayer`` (HybridModel's ``E`` layers). Layers of other
+    classes pass the carry on only when their container does it for them (``core.hybrid``'s stack)."""
 
     def __init__(self, config, submodules, layer_number=1, hidden_dropout=None, pg_collection=None,
                  vp_stage=None, **kwargs):
@@ -64,3 +67,7 @@ class SpecializationTransformerLayer(TransformerLayer):
         if carry is not None:
             setattr(output, CARRY_ATTRIBUTE, carry)
         return result
+
+
+class SpecializationTransformerLayer(RoutingCarryMixin, TransformerLayer):
+    """``TransformerLayer`` + the routing carry of R_cp (see the module docstring)."""
