@@ -119,23 +119,28 @@ def substitute_layer_spec(layer_spec: ModuleSpec, spec_config: SpecializationCon
     return dataclasses.replace(layer_spec, module=SpecializationTransformerLayer, submodules=submodules)
 
 
-def substitute_moe_mlp(submodules, spec_config: SpecializationConfig):
+def substitute_moe_mlp(submodules, spec_config: SpecializationConfig, hybrid_layer_pattern: Optional[str] = None):
     """``(submodules, found)``: a layer's ``TransformerLayerSubmodules`` with megatron's ``MoELayer``
     (a ``ModuleSpec``, or from 0.18 a ``functools.partial``) replaced by ``SpecializationMoELayer`` with
-    ``SpecializationRouter``; ``found`` says whether the mlp was an ``MoELayer`` (else unchanged)."""
+    ``SpecializationRouter``; ``found`` says whether the mlp was an ``MoELayer`` (else unchanged).
+    ``hybrid_layer_pattern``: a HybridModel's pattern, handed to the MoE layer (its R_cp pairs and
+    their pipeline stages follow the pattern)."""
+    extra = {"spec_config": spec_config}
+    if hybrid_layer_pattern is not None:
+        extra["hybrid_layer_pattern"] = hybrid_layer_pattern
     mlp = submodules.mlp
     if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
         moe_submodules: MoESubmodules = mlp.submodules
         mlp = ModuleSpec(
             module=SpecializationMoELayer,
             submodules=dataclasses.replace(moe_submodules, router=SpecializationRouter),
-            params={**(mlp.params or {}), "spec_config": spec_config},
+            params={**(mlp.params or {}), **extra},
         )
     elif isinstance(mlp, functools.partial) and mlp.func is MoELayer:
         # megatron-core >= 0.19 specs the MoE layer as functools.partial(MoELayer, submodules=...).
         keywords = dict(mlp.keywords)
         keywords["submodules"] = dataclasses.replace(keywords["submodules"], router=SpecializationRouter)
-        mlp = functools.partial(SpecializationMoELayer, *mlp.args, spec_config=spec_config, **keywords)
+        mlp = functools.partial(SpecializationMoELayer, *mlp.args, **extra, **keywords)
     else:
         return submodules, False
     return dataclasses.replace(submodules, mlp=mlp), True
