@@ -40,7 +40,8 @@ chunk ``i // pp`` (``stage_transport.hybrid_pipeline_segments``; without ``|``, 
 ``num_layers_in_first/last_pipeline_stage``). Each ``E`` layer gets the pattern, so an R_cp pair whose
 ``E`` layers lie on different stages or chunks travels through ``core.stage_transport``'s side channel
 (``cp_pipeline: exact``), exactly as for a GPTModel. A layout that would leave layers unbuilt (the
-number of ``|`` segments is not pp x vpp) is refused by :func:`_check_pipeline`.
+number of ``|`` segments is not pp x vpp, or ``|`` with pipeline_model_parallel_size 1) is refused by
+:func:`_check_pipeline`.
 
 Not here yet: ``M``/``G``/``D`` need their CUDA kernels (:func:`check_hybrid_pattern`); ``+`` (MLA) and the ``/``
 MTP part are refused.

@@ -84,12 +84,12 @@ def hybrid_pipeline_segments(config, pattern: str) -> List[Tuple[int, int, int, 
                 f"hybrid_layer_pattern {pattern!r} has '|' segments: unset "
                 "num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage (the segments "
                 "place the layers)")
-        if len(segments) != pp * vpp:
+        if len(segments) != pp * vpp or pp == 1:
             raise ValueError(
-                f"hybrid_layer_pattern {pattern!r} has {len(segments)} '|' segments, but "
-                f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size = {pp} x {vpp}: "
-                "megatron builds segment vp * pp + rank on each model chunk, so give the pattern exactly "
-                f"{pp * vpp} segments (or none)")
+                f"hybrid_layer_pattern {pattern!r} has {len(segments)} '|' pipeline segments, but "
+                f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size is {pp} x {vpp}: "
+                "megatron builds segment vp * pp + rank as each model chunk, so give the pattern "
+                "pp x vpp segments with pp > 1, or remove the '|' separators")
         rows, offset = [], 0
         for index, segment in enumerate(segments):
             rows.append((index % pp, index // pp, offset, len(segment)))
