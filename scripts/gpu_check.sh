@@ -8,7 +8,10 @@
 # What runs: tests/test_gpu.py without its CPU variants (-m "not slow" -k "not cpu"): the GPU smoke config's
 # checks, the z capture through SequentialMLP and (with Transformer Engine) TEGroupedMLP on CUDA, the losses
 # in bf16 against fp32 on CUDA, one NCCL rank of configs/ci_smoke_gpu.yaml through scripts/pretrain.sh, and
-# the peak memory of a step with and without the losses.
+# the peak memory of a step with and without the losses; and tests/test_gpu_hybrid.py (HybridModel: R_cp across
+# Mamba / gated delta net layers on megatron's TE hybrid spec against a float64 reference, GPT == *E*E on CUDA),
+# which needs megatron-core >= 0.19 (MMS_MEGATRON_CORE=0.19.2) and, but for the local GPT == *E*E variant,
+# Transformer Engine: otherwise those tests show as skipped with the reason.
 #
 # Environment, as scripts/_env.sh builds it (sourced here), with these choices for a GPU machine:
 #   MMS_VENV     default <repo>/.venv-gpu
@@ -106,7 +109,7 @@ JSON_DIR="$(mktemp -d)"
 cd "$ROOT"
 export MMS_GPU_REPORT_DIR="$JSON_DIR" PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 t_tests=$(date +%s)
-timeout "${MMS_GPU_CHECK_TIMEOUT:-420}" python -m pytest tests/test_gpu.py -m "not slow" -k "not cpu" \
+timeout "${MMS_GPU_CHECK_TIMEOUT:-420}" python -m pytest tests/test_gpu.py tests/test_gpu_hybrid.py -m "not slow" -k "not cpu" \
   -p no:cacheprovider -rA --junitxml="$OUT_DIR/junit.xml" >"$LOG" 2>&1
 rc=$?
 t_tests=$(( $(date +%s) - t_tests ))

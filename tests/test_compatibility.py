@@ -179,6 +179,22 @@ def test_refusal_names_the_option_and_the_fix(monkeypatch, base_config, option, 
         compatibility.check_compatibility(config, spec)
 
 
+@pytest.mark.parametrize("pattern, count", [("*E*-", 1), ("*E-*", 1), ("*-*-", 0)])
+def test_coupling_on_a_hybrid_pattern_with_fewer_than_two_e_layers_names_the_pattern(base_config, pattern, count):
+    """R_cp on a HybridModel pattern with fewer than two 'E': one line naming the pattern and the fix
+    (at least two 'E'), not the GPT message's num_layers / moe_layer_freq; the other losses pass, and
+    two 'E' pass."""
+    config = with_options(base_config, {})  # moe_layer_freq 1: the GPT rule alone would see 4 MoE layers
+    with pytest.raises(ValueError) as info:
+        compatibility.check_compatibility(config, SC(cp_coeff=0.1), hybrid_layer_pattern=pattern)
+    message = str(info.value)
+    assert message == compatibility.hybrid_coupling_refusal(pattern, count)
+    assert repr(pattern) in message and "at least two 'E'" in message and "cp_coeff to 0" in message
+    assert "moe_layer_freq" not in message and "\n" not in message
+    compatibility.check_compatibility(config, SC(sp_coeff=0.1, var_coeff=0.1), hybrid_layer_pattern=pattern)
+    compatibility.check_compatibility(config, SC(cp_coeff=0.1), hybrid_layer_pattern="*E-E")
+
+
 def test_off_builds_megatrons_own_spec_with_refused_options_set(megatron_single_process):
     """Every coefficient 0 and metrics off: the options refused with the losses still build stock specs."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec

@@ -14,7 +14,6 @@ HybridModel exists from megatron-core 0.19 on: on older versions every test here
 skips (the reason says so).
 """
 import dataclasses
-import functools
 import re
 
 import pytest
@@ -22,7 +21,10 @@ import torch
 
 from megatron_moe_spec.core.version import megatron_core_version
 from megatron_moe_spec.specialization_config import SpecializationConfig
-from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, build_transformer_config, global_microbatches
+from megatron_moe_spec.testing.hybrid import (
+    NAMES, assert_grads_match, fresh_tracker, gpt_to_hybrid_key, load_mapped, reference_coupling)
+from megatron_moe_spec.testing.hybrid import run_step as run
+from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, build_transformer_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -36,7 +38,6 @@ SETTINGS = TinyGPTSettings(num_layers=2, hidden_size=32, num_attention_heads=4, 
                            micro_batch_size=2, seq_length=8, vocab_size=64)
 QUIET = dict(moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none")  # only our losses
 ALL_ON = SpecializationConfig(sp_coeff=0.3, cp_coeff=0.2, ortho_coeff=0.4, var_coeff=0.1)
-NAMES = ("specialization_loss", "coupling_loss", "orthogonality_loss", "variance_loss")
 COEFF_FIELD = {"specialization_loss": "sp_coeff", "coupling_loss": "cp_coeff",
                "orthogonality_loss": "ortho_coeff", "variance_loss": "var_coeff"}
 
@@ -53,13 +54,6 @@ def test_module_imports_on_every_version():
 
 
 # ----------------------------------------------------------------------------- building and running
-def _fresh_tracker():
-    """Forget every tracker entry (megatron's load-balancing loss too): its size is the model's num_layers."""
-    from megatron_moe_spec.core import moe_tracker
-
-    moe_tracker.forget(list(moe_tracker.recorded_names()) + list(NAMES))
-
-
 def _config(settings, **changes):
     return dataclasses.replace(build_transformer_config(settings), **changes) if changes else \
         build_transformer_config(settings)
@@ -70,7 +64,7 @@ def build_gpt(settings, spec):
 
     from megatron_moe_spec.core.layer_specs import get_moe_block_spec
 
-    _fresh_tracker()
+    fresh_tracker()
     config = _config(settings)
     torch.manual_seed(1234)
     return GPTModel(config=config, transformer_layer_spec=get_moe_block_spec(config, spec, use_transformer_engine=False),
@@ -83,7 +77,7 @@ def build_hybrid(settings, spec, pattern):
 
     from megatron_moe_spec.core.hybrid import get_hybrid_stack_spec, hybrid_layer_count
 
-    _fresh_tracker()
+    fresh_tracker()
     config = _config(settings.replace(num_layers=hybrid_layer_count(pattern)))
     torch.manual_seed(4321)
     stack = get_hybrid_stack_spec(config, spec, hybrid_layer_pattern=pattern, use_transformer_engine=False)
@@ -92,67 +86,12 @@ def build_hybrid(settings, spec, pattern):
                        share_embeddings_and_output_weights=False, position_embedding_type="rope")
 
 
-def gpt_to_hybrid_key(key: str) -> str:
-    """megatron's migration guide: GPT layer i's attention -> hybrid 2i, its MLP/MoE -> 2i + 1."""
-    match = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
-    if match:
-        i, rest = int(match.group(1)), match.group(2)
-        attention = rest.startswith(("input_layernorm.", "self_attention.", "self_attn_bda"))
-        return f"decoder.layers.{2 * i + (0 if attention else 1)}.{rest}"
-    return key.replace("decoder.final_layernorm.", "decoder.final_norm.")
-
-
-def load_mapped(hybrid, gpt):
-    state = {gpt_to_hybrid_key(k): v for k, v in gpt.state_dict().items()}
-    missing, unexpected = hybrid.load_state_dict(state, strict=True)
-    assert not missing and not unexpected
-
-
-def run(model, settings, lm_weight=1.0):
-    """Forward and backward of lm_weight x the mean token loss (our losses ride along through megatron's
-    aux-loss autoscaler). Returns (lm loss, {name: grad}, {loss name: tracker values [num_layers]})."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    from megatron_moe_spec.core import moe_tracker
-
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    model.train()
-    model.zero_grad(set_to_none=True)
-    batch = global_microbatches(settings, 1)[0]
-    out = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
-                labels=batch["labels"])
-    lm = out.float().mean()
-    (lm * lm_weight).backward()
-    grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-             for n, p in model.named_parameters()}
-    tracker = {n: moe_tracker.values(n).detach().clone() for n in NAMES if moe_tracker.values(n) is not None}
-    moe_tracker.clear()
-    return float(lm.detach()), grads, tracker
-
-
 def gpt_and_hybrid(settings, spec, lm_weight=1.0):
     gpt = build_gpt(settings, spec)
     gpt_result = run(gpt, settings, lm_weight)
     hybrid = build_hybrid(settings, spec, "*E" * settings.num_layers)
     load_mapped(hybrid, gpt)
     return gpt_result, run(hybrid, settings, lm_weight)
-
-
-def assert_grads_match(gpt_grads, hybrid_grads, rtol, what):
-    """Every GPT parameter's gradient equals its mapped hybrid parameter's, to ``rtol`` of that
-    parameter's own gradient (+ 1e-7 of the largest, fp32 round-off); returns the largest gradient."""
-    assert sorted(gpt_to_hybrid_key(k) for k in gpt_grads) == sorted(hybrid_grads)
-    scale = max(float(g.abs().max()) for g in gpt_grads.values())
-    assert scale > 0, f"{what}: no gradient at all"
-    problems = []
-    for name, g in gpt_grads.items():
-        h = hybrid_grads[gpt_to_hybrid_key(name)]
-        tol = rtol * float(g.abs().max()) + 1e-7 * scale
-        err = float((g.double() - h.double()).abs().max())
-        if err > tol:
-            problems.append(f"{name}: max|err| {err:.3e} > {tol:.3e} (max|grad| {float(g.abs().max()):.3e})")
-    assert not problems, f"{what}: gradients differ:\n  " + "\n  ".join(problems)
-    return scale
 
 
 # ----------------------------------------------------------------------------- 1. off
@@ -235,29 +174,12 @@ def test_metrics_match_gpt(megatron_single_process):
 
 
 # ----------------------------------------------------------------------------- 3. R_cp across - and *
-def _spec_coupling(a, b, form):
-    """docs/spec.md section 2, float64: -mean_t M_t^l M_t^l' with M the top-k mass of the pre-top-k p."""
-    m_a = a["p"].double().gather(1, a["topk_idx"]).sum(1)
-    m_b = b["p"].double().gather(1, b["topk_idx"]).sum(1)
-    joint = m_a * m_b if form == "product" else torch.log(m_a * m_b + 1e-9)
-    return -joint.mean()
-
-
-def _routing(moe, x_SBH):
-    """Pre-top-k p (softmax of x W_r^T, float64) and the top-k experts of one MoE layer (no megatron code)."""
-    x = x_SBH.reshape(-1, x_SBH.shape[-1]).double()
-    p = torch.softmax(x @ moe.router.weight.double().t(), dim=-1)
-    return {"p": p, "topk_idx": torch.topk(p, moe.config.moe_router_topk, dim=-1).indices}
-
-
 @requires_hybrid
 @pytest.mark.parametrize("pattern", ["*E-*E", "*E*-E"])
 def test_coupling_pairs_e_layers_across_other_layers(megatron_single_process, pattern):
     """R_cp alone on a pattern with dense and attention layers between the two E layers: logged under
     the first E layer's index, equal to an independent float64 R_cp of the two layers' routing, and its
     gradient equals that R_cp's gradient through megatron's stock HybridModel (same weights)."""
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
     from megatron_moe_spec.core.hybrid import hybrid_moe_layer_numbers
     from megatron_moe_spec.core.layer_specs import coupled_layers
 
@@ -270,21 +192,7 @@ def test_coupling_pairs_e_layers_across_other_layers(megatron_single_process, pa
     stock = build_hybrid(settings, SpecializationConfig(), pattern)
     assert type(stock.decoder).__name__ == "LocalHybridStack"
     stock.load_state_dict(ours.state_dict())
-    stock.train()
-    moe_layers = [m for m in stock.modules() if isinstance(m, MoELayer)]
-    inputs = {}
-    hooks = [m.register_forward_pre_hook(functools.partial(
-        lambda i, mod, args, kw: inputs.__setitem__(i, args[0] if args else kw["hidden_states"]), i), with_kwargs=True)
-        for i, m in enumerate(moe_layers)]
-    batch = global_microbatches(settings, 1)[0]
-    stock(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None, labels=batch["labels"])
-    for h in hooks:
-        h.remove()
-    a, b = (_routing(m, inputs[i]) for i, m in enumerate(moe_layers))
-    value = _spec_coupling(a, b, spec.cp_form)
-    params = list(stock.parameters())
-    expected = dict(zip([n for n, _ in stock.named_parameters()],
-                        torch.autograd.grad(coeff * value, params, allow_unused=True)))
+    value, expected, _ = reference_coupling(stock, settings, coeff, spec.cp_form)
 
     first, second = hybrid_moe_layer_numbers(pattern)
     assert coupled_layers(ours.config, hybrid_layer_pattern=pattern) == [first - 1]  # the driver's rule
@@ -372,6 +280,7 @@ def test_other_patterns_refused(pattern, words):
 
 @requires_hybrid
 def test_spec_refusals(megatron_single_process):
+    from megatron_moe_spec.core.compatibility import hybrid_coupling_refusal
     from megatron_moe_spec.core.hybrid import get_hybrid_stack_spec
 
     spec = SpecializationConfig(cp_coeff=1e-3)
@@ -385,8 +294,10 @@ def test_spec_refusals(megatron_single_process):
         get_hybrid_stack_spec(config, spec, "*E-*E", use_transformer_engine=False)
     with pytest.raises(ValueError, match="hybrid_layer_pattern is required"):
         get_hybrid_stack_spec(config, spec, use_transformer_engine=False)
-    with pytest.raises(ValueError, match="fewer than two MoE layers"):  # R_cp: one E layer
+    with pytest.raises(ValueError) as error:  # R_cp with one E layer: the pattern and the fix, one line
         get_hybrid_stack_spec(config, spec, "*E*-", use_transformer_engine=False)
+    assert str(error.value) == hybrid_coupling_refusal("*E*-", 1)
+    assert "'*E*-' has 1 'E' (MoE) layer: put at least two 'E'" in str(error.value)
     # The local spec has no Mamba layer: 'M' would be an identity layer, refused (whatever the kernels).
     from megatron_moe_spec.core import hybrid
 

@@ -81,7 +81,8 @@ OPTIONS: Dict[str, Option] = {
     "moe_ffn_hidden_size": Option(EXACT, "tests/test_core_independent.py, tests/test_core_parity.py"),
     "moe_layer_freq": Option(
         EXACT, "tests/test_core_parity.py::test_losses_match_one_process[deepseek_tp2_sp] (dense first layer); "
-        "refused for R_cp with fewer than two MoE layers",
+        "refused for R_cp with fewer than two MoE layers (a HybridModel: fewer than two 'E' in "
+        "hybrid_layer_pattern, with its own message naming the pattern)",
         "specialization.cp_coeff > 0 (R_cp) couples adjacent MoE layers and this model has fewer than two "
         "MoE layers (num_layers / moe_layer_freq): add MoE layers or set cp_coeff to 0"),
     "moe_shared_expert_intermediate_size": Option(
@@ -440,6 +441,15 @@ def _on(config, name: str) -> bool:
     return bool(getattr(config, name, None))
 
 
+def hybrid_coupling_refusal(pattern: str, moe_layer_count: int) -> str:
+    """The one-line refusal of R_cp on a HybridModel whose pattern has fewer than two ``E`` layers
+    (the GPT message's ``num_layers / moe_layer_freq`` do not place a hybrid model's MoE layers)."""
+    return (f"specialization.cp_coeff > 0 (R_cp) couples each MoE layer with the next and "
+            f"hybrid_layer_pattern {pattern!r} has {moe_layer_count} 'E' (MoE) layer"
+            f"{'' if moe_layer_count == 1 else 's'}: put at least two 'E' in the pattern (e.g. "
+            f"'*E*E') or set cp_coeff to 0")
+
+
 def check_compatibility(config, spec_config, hybrid_layer_pattern=None) -> None:
     """Refuse, with the fix, what the losses cannot serve exactly; note the harmless cases once.
 
@@ -503,6 +513,8 @@ def check_compatibility(config, spec_config, hybrid_layer_pattern=None) -> None:
     if spec_config.cp_coeff > 0:
         moe_layers = moe_layer_numbers(config, hybrid_layer_pattern)
         if len(moe_layers) < 2:
+            if hybrid_layer_pattern is not None:
+                raise ValueError(hybrid_coupling_refusal(hybrid_layer_pattern, len(moe_layers)))
             raise refusal("moe_layer_freq")
         if config.recompute_granularity == "full" and config.recompute_method != "uniform":
             raise refusal("recompute_method")
