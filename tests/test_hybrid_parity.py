@@ -3,8 +3,9 @@
 A tiny HybridModel (``*`` attention, ``-`` dense MLP and ``E`` MoE layers, megatron's local modules
 through ``core.hybrid``) with R_sp, R_cp, L_o, L_v and the metrics on takes one training step through
 megatron's schedule, DDP and grad finalization. Under TP2+SP, EP2 with the alltoall and with the
-allgather dispatcher, and PP2 with a ``|`` between two ``E`` layers (R_cp's pair crosses the stage
-boundary through ``core.stage_transport``), the LM loss, every gathered gradient, the per-layer value
+allgather dispatcher, PP2 with a ``|`` between two ``E`` layers (R_cp's pair crosses the stage
+boundary through ``core.stage_transport``) and PP2xVPP2 (four ``|`` segments, every pair across a
+model chunk), the LM loss, every gathered gradient, the per-layer value
 of each loss in megatron's tracker and the routing metrics equal the one-process run's (rtol 1e-5,
 the helpers of test_core_parity). In the same spawned run each loss alone (LM weight 0, load balancing
 off) has the one-process gradient to 1e-5 of its own size.
