@@ -285,7 +285,7 @@ def test_spec_refusals(megatron_single_process):
     spec = SpecializationConfig(cp_coeff=1e-3)
     config = _config(SETTINGS.replace(num_layers=4))
     with pytest.raises(ValueError, match="pipeline_model_parallel_size"):
-        get_hybrid_stack_spec(dataclasses.replace(config, pipeline_model_parallel_size=2), spec, "*E|*E",
+        get_hybrid_stack_spec(dataclasses.replace(config, pipeline_model_parallel_size=2), spec, "*E|*|E",
                               use_transformer_engine=False)
     with pytest.raises(ValueError, match="'|' pipeline segments"):  # one model chunk per segment
         get_hybrid_stack_spec(config, spec, "*E|*E", use_transformer_engine=False)

@@ -519,7 +519,7 @@ def check_compatibility(config, spec_config, hybrid_layer_pattern=None) -> None:
         if config.recompute_granularity == "full" and config.recompute_method != "uniform":
             raise refusal("recompute_method")
         if getattr(spec_config, "cp_pipeline", "skip") == "skip":  # main: "exact" transports the pairs
-            warn_cross_stage_pairs(config, moe_layers)
+            warn_cross_stage_pairs(config, moe_layers, hybrid_layer_pattern)
     if config.moe_router_topk == 1 and (spec_config.sp_coeff > 0 or spec_config.ortho_coeff > 0):
         logger.warning("moe_router_topk is 1: R_sp and L_o compare a token's experts pairwise and "
                        "are 0 with a single expert per token")

@@ -35,8 +35,15 @@ same losses and gradients as without (tests/test_hybrid.py::test_recompute_match
 builds its final norm with ``TENorm``): :func:`local_hybrid_stack_spec` is the same stack for ``*``,
 ``-`` and ``E`` from megatron's local modules (those of its local GPT spec).
 
-Not here yet: pipeline parallelism (``|`` across stages) is refused by :func:`_refuse_pipeline`;
-``M``/``G`` need their CUDA kernels (:func:`check_hybrid_pattern`); ``D`` (DSA), ``+`` (MLA) and the ``/``
+**Pipeline parallelism.** megatron builds ``|`` segment ``i`` on pipeline rank ``i % pp`` as model
+chunk ``i // pp`` (``stage_transport.hybrid_pipeline_segments``; without ``|``, an even split or
+``num_layers_in_first/last_pipeline_stage``). Each ``E`` layer gets the pattern, so an R_cp pair whose
+``E`` layers lie on different stages or chunks travels through ``core.stage_transport``'s side channel
+(``cp_pipeline: exact``), exactly as for a GPTModel. A layout that would leave layers unbuilt (the
+number of ``|`` segments is not pp x vpp, or ``|`` with pipeline_model_parallel_size 1) is refused by
+:func:`_check_pipeline`.
+
+Not here yet: ``M``/``G`` need their CUDA kernels (:func:`check_hybrid_pattern`); ``D`` (DSA), ``+`` (MLA) and the ``/``
 MTP part are refused.
 """
 from __future__ import annotations
@@ -48,10 +55,11 @@ from typing import List, Optional
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_moe_spec.core import aux_losses
+from megatron_moe_spec.core import aux_losses, stage_transport
 from megatron_moe_spec.core.compatibility import check_compatibility
 from megatron_moe_spec.core.layer_specs import (
     _tp_cp_group_or_none,
+    cross_stage_pairs,
     enabled_loss_names,
     have_transformer_engine,
     substitute_moe_mlp,
@@ -161,23 +169,13 @@ def _check_pattern_against(config, stack_spec: ModuleSpec, pattern: str) -> None
                 "builds it (megatron's hybrid_stack_spec) or remove the symbol")
 
 
-def _refuse_pipeline(config, pattern: str) -> None:
-    """Pipeline parallelism with a hybrid pattern is not wired yet: R_cp across ``|`` segments needs
-    core.stage_transport's owners and pairs computed from the pattern (and ``SpecializationMoELayer.
-    _cross_stage_peers`` reads ``moe_layer_numbers(config)`` without it). Lift this refusal there.
+def _check_pipeline(config, pattern: str) -> None:
+    """Pipeline parallelism with a hybrid pattern: every layer must be built by exactly one model chunk
+    (``stage_transport.hybrid_pipeline_segments`` raises, naming the fix, where megatron would leave
+    ``|`` segments unbuilt or refuse the layout)."""
+    from megatron_moe_spec.core import stage_transport
 
-    A ``|`` makes pipeline segments even with ``pipeline_model_parallel_size`` 1: megatron then builds
-    one model chunk per segment (virtual pipeline stages), so it is refused as well."""
-    pp = getattr(config, "pipeline_model_parallel_size", 1) or 1
-    vpp = getattr(config, "virtual_pipeline_model_parallel_size", None) or 1
-    if pp > 1 or vpp > 1:
-        raise ValueError(
-            "HybridModel with the specialization losses: pipeline_model_parallel_size > 1 (or virtual "
-            "pipeline) is not supported yet; set pipeline_model_parallel_size to 1")
-    if PIPE in pattern.split(MTP_SEPARATOR)[0]:
-        raise ValueError(
-            f"hybrid_layer_pattern {pattern!r}: '|' pipeline segments are not supported with the "
-            "specialization losses yet; remove the '|' separators (and use pipeline_model_parallel_size 1)")
+    stage_transport.hybrid_pipeline_segments(config, pattern)
 
 
 # ----------------------------------------------------------------------------- the modules
@@ -323,7 +321,7 @@ def specialize_hybrid_stack_spec(stack_spec: ModuleSpec, config,
     :func:`local_hybrid_stack_spec`).
 
     Off: ``stack_spec`` unchanged. On: checks the pattern (:func:`check_hybrid_pattern`, ``num_layers``,
-    a module for every symbol), refuses pipeline parallelism (for now) and what
+    a module for every symbol), refuses a pipeline layout that leaves layers unbuilt and what
     ``check_compatibility`` refuses, substitutes ``moe_layer`` (our MoE layer, router and carry-aware
     layer class) and the stack class (:class:`SpecializationHybridStack`, which passes the carry across
     the other layers), and registers the enabled loss names in megatron's tracker.
@@ -338,7 +336,7 @@ def specialize_hybrid_stack_spec(stack_spec: ModuleSpec, config,
             "on; pass the HybridModel's pattern (e.g. '*E*E')")
     check_hybrid_pattern(hybrid_layer_pattern)
     _check_pattern_against(config, stack_spec, hybrid_layer_pattern)
-    _refuse_pipeline(config, hybrid_layer_pattern)
+    _check_pipeline(config, hybrid_layer_pattern)
     check_compatibility(config, spec_config, hybrid_layer_pattern=hybrid_layer_pattern)
 
     stack_class = stack_spec.module
@@ -349,7 +347,10 @@ def specialize_hybrid_stack_spec(stack_spec: ModuleSpec, config,
             f"specialize_hybrid_stack_spec: expected a HybridStack spec, got {stack_class}; build it from "
             "megatron's hybrid_stack_spec or local_hybrid_stack_spec")
     submodules = stack_spec.submodules
-    moe_layer = _substitute_moe_layer(submodules.moe_layer, spec_config)
+    moe_layer = _substitute_moe_layer(submodules.moe_layer, spec_config, hybrid_layer_pattern)
+    if spec_config.cp_coeff > 0 and spec_config.cp_pipeline == "exact" and cross_stage_pairs(
+            config, hybrid_moe_layer_numbers(hybrid_layer_pattern), hybrid_layer_pattern):
+        stage_transport.ensure_side_groups()  # a collective: every rank builds its spec
     aux_losses.register_loss_names(enabled_loss_names(spec_config),
                                    config.num_layers + (config.mtp_num_layers or 0),
                                    reduce_group=_tp_cp_group_or_none())
@@ -357,12 +358,12 @@ def specialize_hybrid_stack_spec(stack_spec: ModuleSpec, config,
                                submodules=dataclasses.replace(submodules, moe_layer=moe_layer))
 
 
-def _substitute_moe_layer(layer_spec, spec_config) -> ModuleSpec:
+def _substitute_moe_layer(layer_spec, spec_config, hybrid_layer_pattern: str) -> ModuleSpec:
     if not isinstance(layer_spec, ModuleSpec) or layer_spec.module not in (MoETransformerLayer, TransformerLayer):
         raise TypeError(
             f"hybrid stack spec: moe_layer must be a MoETransformerLayer (or TransformerLayer) spec, got "
             f"{getattr(layer_spec, 'module', layer_spec)}")
-    submodules, found = substitute_moe_mlp(layer_spec.submodules, spec_config)
+    submodules, found = substitute_moe_mlp(layer_spec.submodules, spec_config, hybrid_layer_pattern)
     if not found:
         raise TypeError(
             "hybrid stack spec: moe_layer's mlp is not megatron's MoELayer; the specialization losses need "

@@ -119,23 +119,28 @@ def substitute_layer_spec(layer_spec: ModuleSpec, spec_config: SpecializationCon
     return dataclasses.replace(layer_spec, module=SpecializationTransformerLayer, submodules=submodules)
 
 
-def substitute_moe_mlp(submodules, spec_config: SpecializationConfig):
+def substitute_moe_mlp(submodules, spec_config: SpecializationConfig, hybrid_layer_pattern: Optional[str] = None):
     """``(submodules, found)``: a layer's ``TransformerLayerSubmodules`` with megatron's ``MoELayer``
     (a ``ModuleSpec``, or from 0.18 a ``functools.partial``) replaced by ``SpecializationMoELayer`` with
-    ``SpecializationRouter``; ``found`` says whether the mlp was an ``MoELayer`` (else unchanged)."""
+    ``SpecializationRouter``; ``found`` says whether the mlp was an ``MoELayer`` (else unchanged).
+    ``hybrid_layer_pattern``: a HybridModel's pattern, handed to the MoE layer (its R_cp pairs and
+    their pipeline stages follow the pattern)."""
+    extra = {"spec_config": spec_config}
+    if hybrid_layer_pattern is not None:
+        extra["hybrid_layer_pattern"] = hybrid_layer_pattern
     mlp = submodules.mlp
     if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
         moe_submodules: MoESubmodules = mlp.submodules
         mlp = ModuleSpec(
             module=SpecializationMoELayer,
             submodules=dataclasses.replace(moe_submodules, router=SpecializationRouter),
-            params={**(mlp.params or {}), "spec_config": spec_config},
+            params={**(mlp.params or {}), **extra},
         )
     elif isinstance(mlp, functools.partial) and mlp.func is MoELayer:
         # megatron-core >= 0.19 specs the MoE layer as functools.partial(MoELayer, submodules=...).
         keywords = dict(mlp.keywords)
         keywords["submodules"] = dataclasses.replace(keywords["submodules"], router=SpecializationRouter)
-        mlp = functools.partial(SpecializationMoELayer, *mlp.args, spec_config=spec_config, **keywords)
+        mlp = functools.partial(SpecializationMoELayer, *mlp.args, **extra, **keywords)
     else:
         return submodules, False
     return dataclasses.replace(submodules, mlp=mlp), True
@@ -164,32 +169,38 @@ def moe_layer_numbers(config, hybrid_layer_pattern: Optional[str] = None) -> Lis
     return [i + 1 for i, is_moe in enumerate(pattern) if is_moe]
 
 
-def cross_stage_pairs(config, moe_layers: List[int]) -> List[tuple]:
-    """Adjacent MoE layer pairs (l, l') that live on different pipeline stages / model chunks."""
+def cross_stage_pairs(config, moe_layers: List[int], hybrid_layer_pattern: Optional[str] = None) -> List[tuple]:
+    """Adjacent MoE layer pairs (l, l') that live on different pipeline stages / model chunks.
+
+    ``hybrid_layer_pattern``: a HybridModel's pattern, whose ``|`` segments place the layers
+    (stage_transport.pipeline_owner); None for a GPTModel."""
     pp = config.pipeline_model_parallel_size or 1
     vpp = config.virtual_pipeline_model_parallel_size or 1
     if pp == 1 and vpp == 1:
         return []
-    owner = functools.partial(stage_transport.pipeline_owner, config)
+    owner = functools.partial(stage_transport.pipeline_owner, config, hybrid_layer_pattern=hybrid_layer_pattern)
     return [(a, b) for a, b in zip(moe_layers[:-1], moe_layers[1:]) if owner(a) != owner(b)]
 
 
 def coupled_layers(config, cp_pipeline: str = "exact", hybrid_layer_pattern: Optional[str] = None) -> List[int]:
     """The 0-based layers that carry an R_cp value (the tracker's ``coupling_loss/layer_i``): the first
     layer of each adjacent MoE pair, less the pairs across pipeline stages under ``cp_pipeline: skip``.
-    HybridModel: pass its ``hybrid_layer_pattern`` (the indices are the ``E`` layers' positions in it)."""
+    HybridModel: pass its ``hybrid_layer_pattern`` (the indices are the ``E`` layers' positions in it;
+    its ``|`` segments place them on the stages)."""
     numbers = moe_layer_numbers(config, hybrid_layer_pattern)
-    split = {a for a, _ in cross_stage_pairs(config, numbers)} if cp_pipeline == "skip" else set()
+    split = ({a for a, _ in cross_stage_pairs(config, numbers, hybrid_layer_pattern)}
+             if cp_pipeline == "skip" else set())
     return [n - 1 for n in numbers[:-1] if n not in split]
 
 
 _WARNED_PAIRS = set()
 
 
-def warn_cross_stage_pairs(config, moe_layers: List[int]) -> None:
+def warn_cross_stage_pairs(config, moe_layers: List[int], hybrid_layer_pattern: Optional[str] = None) -> None:
     """``cp_pipeline: skip``: name the pairs left out, once per process, with the 0-based layer
-    indices of the logs (``coupling_loss/layer_i``)."""
-    pairs = tuple(cross_stage_pairs(config, moe_layers))
+    indices of the logs (``coupling_loss/layer_i``). ``hybrid_layer_pattern``: as in
+    :func:`cross_stage_pairs`."""
+    pairs = tuple(cross_stage_pairs(config, moe_layers, hybrid_layer_pattern))
     if pairs and pairs not in _WARNED_PAIRS:
         _WARNED_PAIRS.add(pairs)
         names = ", ".join(f"({a - 1}, {b - 1})" for a, b in pairs)

@@ -66,12 +66,16 @@ class SpecializationMoELayer(MoELayer):
     """``MoELayer`` + the specialization losses and metrics (see the module docstring)."""
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
-                 spec_config: Optional[SpecializationConfig] = None, **kwargs):
+                 spec_config: Optional[SpecializationConfig] = None,
+                 hybrid_layer_pattern: Optional[str] = None, **kwargs):
         # kwargs: what newer megatron-core passes on (is_mtp_layer, name in 0.19).
+        # hybrid_layer_pattern: the HybridModel's pattern when this layer is one of its E layers
+        # (its MoE layers and pipeline stages follow the pattern, not moe_layer_freq).
         pg_collection = pg_collection if pg_collection is not None else get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection, **kwargs)
         self.spec = spec_config if spec_config is not None else SpecializationConfig()
+        self.hybrid_layer_pattern = hybrid_layer_pattern
         if not isinstance(self.router, SpecializationRouter):
             raise TypeError(
                 "SpecializationMoELayer needs MoESubmodules(router=SpecializationRouter); build the "
@@ -265,9 +269,11 @@ class SpecializationMoELayer(MoELayer):
             if self.spec.cp_coeff > 0 and self.spec.cp_pipeline == "exact" and pp > 1:
                 from megatron_moe_spec.core.layer_specs import moe_layer_numbers
 
-                numbers = moe_layer_numbers(self.config)
+                pattern = self.hybrid_layer_pattern
+                numbers = moe_layer_numbers(self.config, pattern)
                 i = numbers.index(self.layer_number)
-                owner = functools.partial(stage_transport.pipeline_owner, self.config)
+                owner = functools.partial(stage_transport.pipeline_owner, self.config,
+                                          hybrid_layer_pattern=pattern)
                 mine = owner(self.layer_number)
                 if i > 0 and owner(numbers[i - 1]) != mine:
                     previous = (numbers[i - 1], owner(numbers[i - 1])[0])

@@ -31,8 +31,18 @@ _GROUPS: Dict[Tuple[int, ...], object] = {}
 _PENDING: List[object] = []
 
 
-def pipeline_owner(config, layer_number: int) -> Tuple[int, int]:
-    """(pipeline rank, virtual stage) that builds the 1-based global ``layer_number``."""
+def pipeline_owner(config, layer_number: int, hybrid_layer_pattern: Optional[str] = None) -> Tuple[int, int]:
+    """(pipeline rank, virtual stage) that builds the 1-based global ``layer_number``.
+
+    ``hybrid_layer_pattern``: a HybridModel's pattern (its layers are placed by the pattern's ``|``
+    segments, :func:`hybrid_pipeline_segments`); None for a GPTModel (megatron's
+    ``get_transformer_layer_offset`` / ``get_num_layers_to_build`` rule)."""
+    if hybrid_layer_pattern is not None:
+        for rank, vp, offset, count in hybrid_pipeline_segments(config, hybrid_layer_pattern):
+            if offset < layer_number <= offset + count:
+                return rank, vp
+        raise ValueError(f"layer {layer_number} of hybrid_layer_pattern {hybrid_layer_pattern!r} is built "
+                         "by no pipeline stage")
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -46,6 +56,78 @@ def pipeline_owner(config, layer_number: int) -> Tuple[int, int]:
             if offset < layer_number <= offset + count:
                 return rank, vp
     raise ValueError(f"layer {layer_number} is built by no pipeline stage")
+
+
+def hybrid_pipeline_segments(config, pattern: str) -> List[Tuple[int, int, int, int]]:
+    """``[(pipeline rank, virtual stage, layer offset, layer count)]``: where a HybridModel with the
+    ``hybrid_layer_pattern`` ``pattern`` builds its main-decoder layers, one row per model chunk.
+
+    megatron-core's rule (``hybrid_layer_allocation.select_pipeline_segment``, called by each chunk's
+    HybridModel with its own process group; tests/test_hybrid_parity.py checks this function against
+    it): with ``|`` in the pattern, segment ``i`` is built by pipeline rank ``i % pp`` as virtual stage
+    ``i // pp``; without ``|`` and ``pp > 1`` (deprecated by megatron) the layers are split evenly, or
+    by ``num_layers_in_first/last_pipeline_stage``, without virtual stages.
+
+    Raises ``ValueError`` when some layer would be built by no stage or megatron refuses the layout:
+    every segment must be one model chunk (``|`` segments = pipeline_model_parallel_size x
+    virtual_pipeline_model_parallel_size).
+    """
+    pp = config.pipeline_model_parallel_size or 1
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    first = getattr(config, "num_layers_in_first_pipeline_stage", None)
+    last = getattr(config, "num_layers_in_last_pipeline_stage", None)
+    main = pattern.split("/")[0]
+    segments = main.split("|")
+    if len(segments) > 1:
+        if first is not None or last is not None:
+            raise ValueError(
+                f"hybrid_layer_pattern {pattern!r} has '|' segments: unset "
+                "num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage (the segments "
+                "place the layers)")
+        if len(segments) != pp * vpp or pp == 1:
+            raise ValueError(
+                f"hybrid_layer_pattern {pattern!r} has {len(segments)} '|' pipeline segments, but "
+                f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size is {pp} x {vpp}: "
+                "megatron builds segment vp * pp + rank as each model chunk, so give the pattern "
+                "pp x vpp segments with pp > 1, or remove the '|' separators")
+        rows, offset = [], 0
+        for index, segment in enumerate(segments):
+            rows.append((index % pp, index // pp, offset, len(segment)))
+            offset += len(segment)
+        return rows
+    num_layers = len(main)
+    if pp == 1:
+        if vpp > 1:
+            raise ValueError("virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1")
+        return [(0, 0, 0, num_layers)]
+    if vpp > 1:
+        raise ValueError(
+            f"hybrid_layer_pattern {pattern!r} has no '|': megatron refuses virtual pipeline stages "
+            f"then; mark the {pp * vpp} model chunks with '|'")
+    if first is None and last is None:
+        if num_layers % pp:
+            raise ValueError(
+                f"hybrid_layer_pattern {pattern!r}: {num_layers} layers do not split evenly over "
+                f"pipeline_model_parallel_size {pp}; mark the stages with '|'")
+        per = num_layers // pp
+        return [(rank, 0, rank * per, per) for rank in range(pp)]
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = num_layers - (first or 0) - (last or 0)
+    if middle_stages and middle % middle_stages:
+        raise ValueError(
+            f"hybrid_layer_pattern {pattern!r}: the {middle} middle layers do not split evenly over "
+            f"{middle_stages} middle pipeline stages; mark the stages with '|'")
+    per = middle // middle_stages if middle_stages else 0
+    rows = []
+    for rank in range(pp):
+        if first is not None and rank == 0:
+            rows.append((rank, 0, 0, first))
+        elif last is not None and rank == pp - 1:
+            rows.append((rank, 0, num_layers - last, last))
+        else:
+            middle_rank = rank if first is None else rank - 1
+            rows.append((rank, 0, middle_rank * per + (first or 0), per))
+    return rows
 
 
 def ensure_side_groups() -> None:

@@ -43,6 +43,10 @@ class TinyGPTSettings:
     calculate_per_token_loss: bool = False
     extra_config: Dict[str, Any] = field(default_factory=dict)
     """Any other TransformerConfig field (e.g. group-limited routing options)."""
+    hybrid_layer_pattern: Optional[str] = None
+    """Build megatron-core's HybridModel (>= 0.19) with this ``hybrid_layer_pattern`` instead of a
+    GPTModel; ``num_layers`` and ``moe_layer_freq`` are then ignored (the pattern says both). The
+    layer spec function must return a hybrid stack spec (e.g. ``core.hybrid.get_hybrid_stack_spec``)."""
 
     vocab_size: int = 128
     seq_length: int = 16
@@ -106,6 +110,9 @@ def build_transformer_config(settings: TinyGPTSettings):
     )
     if settings.recompute_modules is not None:
         kwargs["recompute_modules"] = settings.recompute_modules
+    if settings.hybrid_layer_pattern is not None:
+        main = settings.hybrid_layer_pattern.split("/")[0].replace("|", "")
+        kwargs.update(num_layers=len(main), is_hybrid_model=True)
     kwargs.update(settings.extra_config)
     return TransformerConfig(**kwargs)
 
@@ -129,6 +136,23 @@ def build_model(config, settings: TinyGPTSettings, layer_spec_fn: Callable = def
     for vp_stage in range(vpp):
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        if settings.hybrid_layer_pattern is not None:
+            # One stack spec for every chunk: HybridModel picks its chunk's '|' segment itself.
+            from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+            chunks.append(HybridModel(
+                config=config,
+                hybrid_stack_spec=layer_spec_fn(config),
+                vocab_size=settings.vocab_size,
+                max_sequence_length=settings.seq_length,
+                hybrid_layer_pattern=settings.hybrid_layer_pattern,
+                pre_process=pre,
+                post_process=post,
+                share_embeddings_and_output_weights=False,
+                position_embedding_type="rope",
+                vp_stage=vp_stage if vpp > 1 else None,
+            ))
+            continue
         spec = layer_spec_fn(config, vp_stage=vp_stage if vpp > 1 else None)
         model = GPTModel(
             config=config,
@@ -347,7 +371,7 @@ def train_step_result(settings: TinyGPTSettings, layer_spec_fn: Callable = defau
     config = build_transformer_config(settings)
     torch.manual_seed(1234)
     chunks = build_model(config, settings, layer_spec_fn)
-    _register_metrics(config, layer_spec_fn)
+    _register_metrics(config, layer_spec_fn, settings.hybrid_layer_pattern)
     if initial_params is not None:
         load_full_tensors(chunks, initial_params)
     params = gather_full_tensors(chunks, "param")
@@ -392,7 +416,7 @@ def losses_only_grads(settings: TinyGPTSettings, layer_spec_fn: Callable,
     return grads
 
 
-def _register_metrics(config, layer_spec_fn) -> None:
+def _register_metrics(config, layer_spec_fn, hybrid_layer_pattern: Optional[str] = None) -> None:
     """Metrics need every MoE layer's statistics on every rank (see core.layer_metrics)."""
     spec_config = getattr(layer_spec_fn, "keywords", {}).get("spec_config")
     if spec_config is None or not spec_config.metrics:
@@ -400,7 +424,7 @@ def _register_metrics(config, layer_spec_fn) -> None:
     from megatron_moe_spec.core import layer_metrics
     from megatron_moe_spec.core.layer_specs import moe_layer_numbers
 
-    layer_metrics.register_layers(moe_layer_numbers(config), config.num_moe_experts)
+    layer_metrics.register_layers(moe_layer_numbers(config, hybrid_layer_pattern), config.num_moe_experts)
 
 
 def tracker_values(num_microbatches: int, num_layers: int = None) -> Dict[str, List[float]]:
