@@ -381,7 +381,7 @@ def specialize_hybrid_stack_spec(spec, config, vp_stage: Optional[int] = None):
 
     out = hybrid.specialize_hybrid_stack_spec(spec, transformer, spec_config, hybrid_layer_pattern=pattern)
     if spec_config.cp_coeff > 0:
-        _STATE.coupling = hybrid_coupling_slots(pattern, spec_config.cp_pipeline)
+        _STATE.coupling = hybrid_coupling_slots(transformer, pattern, spec_config.cp_pipeline)
     if spec_config.metrics:
         # Every rank registers every MoE layer of the whole model, as for GPT (report() is one all-reduce).
         layer_metrics.register_layers(hybrid.hybrid_moe_layer_numbers(pattern), transformer.num_moe_experts,
@@ -429,15 +429,15 @@ def _is_specialized_hybrid(spec) -> bool:
             and issubclass(module, hybrid.SpecializationHybridStack))
 
 
-def hybrid_coupling_slots(pattern: str, cp_pipeline: str = "skip") -> "CouplingSlots":
+def hybrid_coupling_slots(config, pattern: str, cp_pipeline: str = "skip") -> "CouplingSlots":
     """``CouplingSlots`` of a hybrid layer pattern: the E layers are the MoE layers (0-based tracker slots:
-    the position in the pattern, ``|`` excluded); each E pairs with the next E; under ``skip`` a pair whose
-    two E lie in different ``|`` segments has no term."""
-    from megatron_moe_spec.training.tracker import hybrid_coupled_layers
+    the position in the pattern, ``|`` excluded); each E pairs with the next E; under ``skip`` a pair split
+    across pipeline stages / model chunks (``config``'s layout of the pattern's ``|`` segments) has no
+    term. The pairs are ``layer_specs.coupled_layers``, the rule of the GPT layers."""
+    from megatron_moe_spec.core.layer_specs import coupled_layers, moe_layer_numbers
 
-    main = pattern.split("/")[0]
-    moe = [i for i, c in enumerate(main.replace("|", "")) if c == "E"]
-    pairs = tuple(hybrid_coupled_layers(main, cp_pipeline))
+    moe = [n - 1 for n in moe_layer_numbers(config, pattern)]
+    pairs = tuple(coupled_layers(config, cp_pipeline, hybrid_layer_pattern=pattern))
     return CouplingSlots(pairs, tuple(i for i in moe if i not in pairs))
 
 

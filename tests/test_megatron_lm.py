@@ -540,9 +540,14 @@ def test_megatron_moe_layer_count_of_a_hybrid_pattern(monkeypatch, pattern, mtp,
 
 
 def test_hybrid_coupling_slots_follow_the_pattern_and_its_segments():
-    assert megatron_lm.hybrid_coupling_slots("*E*-*E*E") == slots([1, 5], [7])
-    assert megatron_lm.hybrid_coupling_slots("*E*-|*E*E", "skip") == slots([5], [1, 7])  # (1, 5) crosses |
-    assert megatron_lm.hybrid_coupling_slots("*E*-|*E*E", "exact") == slots([1, 5], [7])
+    one = types.SimpleNamespace(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None)
+    pp2 = types.SimpleNamespace(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=None)
+    assert megatron_lm.hybrid_coupling_slots(one, "*E*-*E*E") == slots([1, 5], [7])
+    assert megatron_lm.hybrid_coupling_slots(pp2, "*E*-|*E*E", "skip") == slots([5], [1, 7])  # (1, 5) crosses |
+    assert megatron_lm.hybrid_coupling_slots(pp2, "*E*-|*E*E", "exact") == slots([1, 5], [7])
+    # PP2 without '|' (megatron's deprecated even split, layers 0-3 | 4-7): the split is the layout's,
+    # not the pattern's, as for the GPT layers (layer_specs.coupled_layers).
+    assert megatron_lm.hybrid_coupling_slots(pp2, "*E*-*E*E", "skip") == slots([5], [1, 7])
 
 
 # ------------------------------------------------------------------- R_cp: the mean over pairs

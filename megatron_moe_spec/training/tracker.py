@@ -63,29 +63,15 @@ def register(cfg, num_layers: int) -> List[str]:
 
 
 def coupling_layers(config, cp_pipeline: str, hybrid_layer_pattern: Optional[str] = None) -> List[int]:
-    """The 0-based layers that carry an R_cp value (``layer_specs.coupled_layers``): with
-    ``cp_pipeline: skip`` the pairs split across pipeline stages / model chunks are left out.
+    """The 0-based layers that carry an R_cp value: ``layer_specs.coupled_layers`` (with
+    ``cp_pipeline: skip`` the pairs split across pipeline stages / model chunks are left out).
 
     A HybridModel (``hybrid_layer_pattern``): the E layers of the pattern, each paired with the next E
-    whatever lies between; a pair is split when its two E lie in different ``|`` segments (each
-    segment is one model chunk: pipeline rank ``i % pp``, virtual stage ``i // pp``)."""
-    if hybrid_layer_pattern is not None:
-        return hybrid_coupled_layers(hybrid_layer_pattern, cp_pipeline)
+    whatever lies between; the pattern's ``|`` segments place them on the stages (one rule for the
+    GPT and the hybrid layers: ``layer_specs.cross_stage_pairs``)."""
     from megatron_moe_spec.core.layer_specs import coupled_layers
 
-    return coupled_layers(config, cp_pipeline)
-
-
-def hybrid_coupled_layers(pattern: str, cp_pipeline: str) -> List[int]:
-    """``coupling_layers`` of a hybrid layer pattern, from the pattern alone."""
-    moe = []  # (0-based layer index, segment)
-    index = 0
-    for segment, part in enumerate(pattern.split("|")):
-        for symbol in part:
-            if symbol == "E":
-                moe.append((index, segment))
-            index += 1
-    return [a for (a, sa), (_, sb) in zip(moe[:-1], moe[1:]) if cp_pipeline != "skip" or sa == sb]
+    return coupled_layers(config, cp_pipeline, hybrid_layer_pattern=hybrid_layer_pattern)
 
 
 def read(names: List[str], num_microbatches: int, moe_layer_indices: List[int],
