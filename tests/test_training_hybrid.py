@@ -7,7 +7,9 @@ scripts/pretrain.sh -> torchrun -> ``train``.
   (5, 7) (the first across the attention layer between), each mean the mean of its layers;
 - resume: a second run from the iteration-2 checkpoint reproduces steps 3-4 exactly (HybridModel's
   sharded state dict through our checkpointing);
-- EP2: two processes, expert parallel 2 with the alltoall dispatcher, 2 steps.
+- EP2: two processes, expert parallel 2 with the alltoall dispatcher, 2 steps;
+- PP2: two processes, ``*E*E|*E*E`` (one segment per pipeline rank), R_cp logged for the pair across
+  the | under cp_pipeline: exact, left out under skip.
 """
 import json
 import math
@@ -123,3 +125,39 @@ def test_hybrid_model_with_expert_parallel_2(tmp_path):
             layers = PAIR_LAYERS if name == "coupling_loss" else MOE_LAYERS
             assert all(math.isfinite(r[f"{name}/layer_{i}"]) for i in layers), name
         assert r["specialization_loss"] > 0 and r["coupling_loss"] < 0
+
+
+PP_PATTERN = "*E*E|*E*E"    # segment 0 (pipeline rank 0): E at 1, 3; segment 1 (rank 1): E at 5, 7
+PP_PAIRS = {"exact": [1, 3, 5], "skip": [1, 5]}  # (3, 5) crosses the | (the side channel carries it)
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(900)
+def test_hybrid_model_with_pipeline_parallel_2_logs_R_cp_across_the_segments(tmp_path):
+    """PP2 on a pattern with one |: the run config accepts it, the driver trains, and R_cp is logged for
+    each pair of consecutive E, the pair across the | included under cp_pipeline: exact (and left out
+    under skip, whose other pairs read the same step-1 values: the forward before any update)."""
+    recs = {}
+    for policy, steps in (("exact", 3), ("skip", 2)):
+        run_dir = str(tmp_path / policy)
+        proc = _pretrain(run_dir, 2, f"training.train_iters={steps}", "parallel.pp=2",
+                         f'model.hybrid_layer_pattern="{PP_PATTERN}"', f"specialization.cp_pipeline={policy}",
+                         "specialization.metrics=false", "eval.interval=0", "checkpoint.save_final=false",
+                         "checkpoint.resume=none")
+        assert f"HybridModel '{PP_PATTERN}'; world size 2 (tp 1, pp 2, cp 1, dp 1" in proc.stdout, proc.stdout
+        recs[policy] = _records(run_dir)
+        assert [r["step"] for r in recs[policy]] == list(range(1, steps + 1))
+        for r in recs[policy]:
+            assert math.isfinite(r["lm_loss"])
+            for name in LOSSES:
+                layers = PP_PAIRS[policy] if name == "coupling_loss" else [1, 3, 5, 7]
+                per_layer = [r[f"{name}/layer_{i}"] for i in layers]
+                assert all(math.isfinite(v) for v in per_layer), (policy, r["step"], name)
+                assert r[name] == pytest.approx(sum(per_layer) / len(per_layer), rel=1e-9, abs=1e-12), name
+                others = {k for k in r if k.startswith(name + "/layer_")} - {f"{name}/layer_{i}" for i in layers}
+                assert not others, (policy, name, others)
+            assert r["coupling_loss"] < 0 and r["specialization_loss"] > 0
+    exact, skip = recs["exact"][0], recs["skip"][0]
+    for i in PP_PAIRS["skip"]:
+        assert skip[f"coupling_loss/layer_{i}"] == exact[f"coupling_loss/layer_{i}"], i
+    assert skip["lm_loss"] == exact["lm_loss"]
