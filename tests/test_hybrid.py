@@ -287,7 +287,7 @@ def test_spec_refusals(megatron_single_process):
     with pytest.raises(ValueError, match="pipeline_model_parallel_size"):
         get_hybrid_stack_spec(dataclasses.replace(config, pipeline_model_parallel_size=2), spec, "*E|*|E",
                               use_transformer_engine=False)
-    with pytest.raises(ValueError, match="'|' pipeline segments"):  # one model chunk per segment
+    with pytest.raises(ValueError, match=re.escape("'*E|*E' has 2 '|' pipeline segments")):  # one model chunk per segment
         get_hybrid_stack_spec(config, spec, "*E|*E", use_transformer_engine=False)
     with pytest.raises(ValueError, match="set num_layers to 5"):
         get_hybrid_stack_spec(config, spec, "*E-*E", use_transformer_engine=False)
