@@ -552,18 +552,43 @@ raises exactly the message below. The table is generated from `megatron_moe_spec
 """
 
 
+DOC_HYBRID = """## HybridModel (megatron-core >= 0.19)
+
+`core.hybrid.get_hybrid_stack_spec` (or the YAML key `model.hybrid_layer_pattern`) puts the losses into
+megatron-core's `HybridModel`; `check_compatibility` above applies to it as to a GPTModel, and
+`core.hybrid.check_hybrid_pattern` checks the layer pattern, refusing with one line naming the symbol and
+the fix. On megatron-core 0.16 there is no HybridModel: the YAML key is refused.
+
+- **Layer families.** `*` attention, `-` dense MLP and `E` MoE: exact on CPU (tests/test_hybrid.py: a GPT
+  MoE model and its `*E*E` equivalent give the same losses and gradients; R_cp pairs each `E` with the
+  next `E` across the layers between). `M` (Mamba) and `G` (gated delta net): accepted only where their
+  CUDA kernels import (the refusal names the module); their GPU test (tests/test_gpu_hybrid.py) has not
+  run yet. `D` (DeepSeek sparse attention), `+` (MLA) and an MTP part (`/`): refused.
+- **Pipeline parallelism.** `|` segments work under PP and PP x VPP (one segment per model chunk,
+  pp x vpp segments; other layouts are refused): an R_cp pair across a segment boundary is exact through
+  the side channel with `cp_pipeline: exact` (left out, with a warning, under `skip`).
+  tests/test_hybrid_parity.py: TP2+SP, EP2 (alltoall, allgather), PP2 across a `|`, PP2xVPP2 equal one
+  process, each loss alone too.
+- **Recomputation.** Full uniform and selective `moe`: exact with every loss on; full block: exact
+  without R_cp, refused with R_cp (`recompute_method` above)
+  (tests/test_hybrid.py::test_recompute_matches_no_recompute).
+"""
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
 def markdown() -> str:
-    """``docs/compatibility.md``: the intro and one row per option, in :data:`OPTIONS` order."""
+    """``docs/compatibility.md``: the intro, one row per option, in :data:`OPTIONS` order, then the
+    HybridModel section (:data:`DOC_HYBRID`)."""
     lines = [DOC_INTRO.rstrip("\n"), "",
              "| Option | Versions | Status | Test / reason / when refused | Refusal message |",
              "|---|---|---|---|---|"]
     for name, opt in OPTIONS.items():
         message = f"`{_cell(opt.message)}`" if opt.message else ""
         lines.append(f"| `{name}` | {opt.versions} | {opt.status} | {_cell(opt.detail)} | {message} |")
+    lines += ["", DOC_HYBRID.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
