@@ -8,7 +8,7 @@
 - R_cp pairs the two ``E`` layers of ``*E-*E`` across the dense and attention layers between them
   (against an independent float64 R_cp from the layers' inputs and router weights);
 - recomputation under HybridStack against the same model without it;
-- refusals: M / G / D without their kernels, pipeline parallelism and '|' segments, bad patterns.
+- refusals: M / G without their kernels, D, '|' segments that do not fit the pipeline layout, bad patterns.
 
 HybridModel exists from megatron-core 0.19 on: on older versions every test here but the import one
 skips (the reason says so).
@@ -287,7 +287,8 @@ def test_spec_refusals(megatron_single_process):
     with pytest.raises(ValueError, match="pipeline_model_parallel_size"):
         get_hybrid_stack_spec(dataclasses.replace(config, pipeline_model_parallel_size=2), spec, "*E|*|E",
                               use_transformer_engine=False)
-    with pytest.raises(ValueError, match=re.escape("'*E|*E' has 2 '|' pipeline segments")):  # one model chunk per segment
+    # one model chunk per segment (re.escape: the message's '|' is no regex alternation)
+    with pytest.raises(ValueError, match=re.escape("'*E|*E' has 2 '|' pipeline segments")):
         get_hybrid_stack_spec(config, spec, "*E|*E", use_transformer_engine=False)
     with pytest.raises(ValueError, match="set num_layers to 5"):
         get_hybrid_stack_spec(config, spec, "*E-*E", use_transformer_engine=False)
