@@ -157,7 +157,7 @@ class SpecializationMoELayer(MoELayer):
             y_rows = ungate(captured.expert_output, captured.permuted_probs)  # [R, H], partial over ETP
             pieces.append(y_rows.to(pieces[0].dtype) if pieces else y_rows)
         rows = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        tokens_TKW = rows_to_tokens(dispatcher, rows, self._record, gathered_map)
+        tokens_TKW = rows_to_tokens(dispatcher, rows, self._record, gathered_map, self._exchange_selection())
         width_z = self.ffn_size if want_z else 0
         self._z_TKF = tokens_TKW[..., :width_z] if want_z else None
         self._y_TKH = tokens_TKW[..., width_z:] if want_y else None
@@ -378,6 +378,17 @@ class SpecializationMoELayer(MoELayer):
         n = total_n.clamp(min=1.0)
         per_expert = s2_E / n - (2 * s1_E * s1_global - s1_global.square() / size) / n.square()
         return -per_expert.mean()
+
+    def _exchange_selection(self) -> Optional[torch.Tensor]:
+        """bool [T_local]: the tokens whose rows must travel, or None for all of them.
+
+        With ``sp_max_tokens`` the losses read only the valid tokens of the budget subset, so only
+        theirs travel (alltoall under EP; see token_exchange). A metrics pass reads every token's z
+        (the similarity metric is not sub-sampled): it exchanges all rows, on metrics steps only.
+        """
+        if self.spec.sp_max_tokens is None or self._metrics_pass():
+            return None
+        return self._record.valid_T & self._budget_mask_T(self._record.valid_T.device)
 
     def _budget_mask_T(self, device) -> torch.Tensor:
         """bool [T_local]: the tokens of ``sp_max_tokens``' global strided subset on this rank.
