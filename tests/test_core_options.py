@@ -54,34 +54,51 @@ def moe_layers(model):
 
 
 # ----------------------------------------------------------------------------- sp_max_tokens subset
-def brute_force_subset(seq_len, batch, max_tokens):
-    """{(b, s)} with (b * seq_len + s) % ceil(N / max_tokens) == 0, by a plain loop."""
+def brute_force_subset(seq_len, batch, max_tokens, offset=0):
+    """{(b, s)} with (b * seq_len + s) % c == offset % c, c = ceil(N / max_tokens), by a plain loop."""
     n = seq_len * batch
     stride = (n + max_tokens - 1) // max_tokens
-    return {(b, s) for b in range(batch) for s in range(seq_len) if (b * seq_len + s) % stride == 0}
+    return {(b, s) for b in range(batch) for s in range(seq_len) if (b * seq_len + s) % stride == offset % stride}
 
 
 @pytest.mark.parametrize("seq_len,batch,max_tokens,shards", [(8, 2, 5, 1), (8, 2, 5, 2), (12, 3, 7, 4),
                                                              (16, 2, 64, 2), (6, 4, 1, 3)])
-def test_global_strided_mask_is_the_same_subset_on_every_shard(seq_len, batch, max_tokens, shards):
-    expected = brute_force_subset(seq_len, batch, max_tokens)
+@pytest.mark.parametrize("offset", [0, 1, 5])
+def test_global_strided_mask_is_the_same_subset_on_every_shard(seq_len, batch, max_tokens, shards, offset):
+    expected = brute_force_subset(seq_len, batch, max_tokens, offset)
     assert 0 < len(expected) <= max_tokens
     chunk = seq_len // shards
     got = set()
     for r in range(shards):
-        mask = losses.global_strided_mask(seq_len, batch, r * chunk, chunk, max_tokens)
+        mask = losses.global_strided_mask(seq_len, batch, r * chunk, chunk, max_tokens, offset=offset)
         assert mask.shape == (chunk * batch,)
         for i in torch.nonzero(mask).flatten().tolist():  # local token i = (s, b), sequence-major
             got.add((i % batch, r * chunk + i // batch))
     assert got == expected
 
 
-def test_budget_in_one_process_is_rsp_of_the_global_subset(megatron_single_process, monkeypatch):
-    """The layer's budgeted R_sp is the pure R_sp on exactly the subset's tokens (independent z)."""
+@pytest.mark.parametrize("seq_len,batch,max_tokens", [(8, 2, 5), (12, 3, 7), (6, 4, 1), (16, 2, 64)])
+def test_rotating_offsets_choose_every_position_exactly_once(seq_len, batch, max_tokens):
+    """Over c = ceil(N / max_tokens) consecutive steps every position is in exactly one subset: the
+    mean over a cycle of the per-step sums is the full sum / c (the basis of the unbiasedness)."""
+    stride = -(-seq_len * batch // max_tokens)
+    masks = torch.stack([losses.global_strided_mask(seq_len, batch, 0, seq_len, max_tokens, offset=o)
+                         for o in range(stride)])
+    assert torch.equal(masks.sum(0), torch.ones(seq_len * batch, dtype=torch.long))
+    assert torch.equal(masks[0], losses.global_strided_mask(seq_len, batch, 0, seq_len, max_tokens,
+                                                            offset=stride))
+
+
+@pytest.mark.parametrize("step", [0, 3])
+def test_budget_in_one_process_is_rsp_of_the_global_subset(megatron_single_process, monkeypatch, step):
+    """The layer's budgeted R_sp is the pure R_sp on exactly the subset's tokens (independent z); the
+    subset rotates with the step given to begin_step."""
     from test_core_independent import independent_layer
 
     spec = SpecializationConfig(sp_coeff=0.5, sp_max_tokens=5)
     model = one_model(SMALL, spec)
+    for m in moe_layers(model):
+        m.begin_step(metrics=False, step=step)
     calls, inputs = [], {}
     real = losses.specialization_loss
 
@@ -99,8 +116,10 @@ def test_budget_in_one_process_is_rsp_of_the_global_subset(megatron_single_proce
     for h in hooks:
         h.remove()
     assert len(calls) == len(layers)
-    mask_T = losses.global_strided_mask(SMALL.seq_length, SMALL.micro_batch_size, 0, SMALL.seq_length, 5)
-    assert int(mask_T.sum()) == 4  # 16 positions, stride 4: (b, s) in {(0,0),(0,4),(1,0),(1,4)}
+    mask_T = losses.global_strided_mask(SMALL.seq_length, SMALL.micro_batch_size, 0, SMALL.seq_length, 5,
+                                        offset=step)
+    # 16 positions, stride 4: (b, s) in {(0,0),(0,4),(1,0),(1,4)} at step 0, s + 3 at step 3
+    assert int(mask_T.sum()) == 4 and bool(mask_T[0]) == (step == 0)
     for i, (value, valid) in enumerate(calls):
         assert torch.equal(valid, mask_T)
         ref = independent_layer(layers[i], inputs[i])
@@ -130,23 +149,32 @@ BUDGET_LAYOUTS = [
 ]
 
 
+BUDGET_STEP = 2  # the training step the parity runs take (the subset's offset: 2 of stride 3)
+
+
 def step_counting_selected_exchanges(*args, **kwargs):
-    """train_step_result, plus how many times the selected-rows exchange ran on this rank."""
+    """train_step_result at training step BUDGET_STEP, plus how many times the selected-rows exchange
+    ran on this rank."""
     from megatron_moe_spec.core import token_exchange
+    from megatron_moe_spec.core.moe_layer import SpecializationMoELayer
     from megatron_moe_spec.testing.tiny_gpt import train_step_result as step
 
     calls = []
-    real = token_exchange.selected_rows_exchange
+    real, real_init = token_exchange.selected_rows_exchange, SpecializationMoELayer.__init__
 
     def counting(dispatcher, rows, select):
         calls.append(int(select.sum()))
         return real(dispatcher, rows, select)
 
-    token_exchange.selected_rows_exchange = counting
+    def init_at_step(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.begin_step(metrics=True, step=BUDGET_STEP)  # metrics=True: the default before any begin_step
+
+    token_exchange.selected_rows_exchange, SpecializationMoELayer.__init__ = counting, init_at_step
     try:
         result = step(*args, **kwargs)
     finally:
-        token_exchange.selected_rows_exchange = real
+        token_exchange.selected_rows_exchange, SpecializationMoELayer.__init__ = real, real_init
     result["selected_exchanges"] = calls
     return result
 
@@ -156,11 +184,12 @@ def step_counting_selected_exchanges(*args, **kwargs):
                          ids=[l[0] for l in BUDGET_LAYOUTS])
 def test_budgeted_losses_match_one_process(name, settings, world, parallel, dp, spec, selected):
     """sp_max_tokens picks the same tokens in every layout: loss, gradients and logged values equal
-    one process (before, each TP rank took max_tokens // tp of its own shard). Under EP with the
+    one process at the same training step (the subset's offset; before, each TP rank took
+    max_tokens // tp of its own shard). Under EP with the
     alltoall dispatcher only the selected tokens' rows travel (forward and backward), and the step
     is still that of one process."""
     single = settings.replace(num_microbatches=settings.num_microbatches * dp)
-    ref = run_distributed(train_step_result, 1, ParallelSizes(), args=(single, spec_fn(spec)))[0]
+    ref = run_distributed(step_counting_selected_exchanges, 1, ParallelSizes(), args=(single, spec_fn(spec)))[0]
     full = run_distributed(train_step_result, 1, ParallelSizes(),
                            args=(single, spec_fn(SpecializationConfig(sp_coeff=0.05, ortho_coeff=0.05))),
                            kwargs={"initial_params": ref["params"]})[0]

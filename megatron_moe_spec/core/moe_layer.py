@@ -88,6 +88,7 @@ class SpecializationMoELayer(MoELayer):
         self._z_TKF: Optional[torch.Tensor] = None
         self._y_TKH: Optional[torch.Tensor] = None
         self._metrics_step = True
+        self._step = 0  # the training iteration (begin_step): rotates the sp_max_tokens subset
         self._tokens_SB = None
         self._cross_stage = None  # see _cross_stage_peers
         # R_cp under activation recomputation (see _coupling_under_recompute): first-pass values
@@ -113,15 +114,19 @@ class SpecializationMoELayer(MoELayer):
     def _wants_y(self) -> bool:
         return self.topk > 1 and self.spec.ortho_coeff > 0 and self._loss_pass()
 
-    def begin_step(self, metrics: bool) -> None:
+    def begin_step(self, metrics: bool, step: Optional[int] = None) -> None:
         """Call once before each training step (the driver and the Megatron-LM hooks do).
 
         ``metrics``: collect the routing metrics in this step (the driver's ``metrics_interval``).
+        ``step``: the training iteration about to run (the same on every rank); it rotates the
+        ``sp_max_tokens`` subset (``losses.global_strided_mask``'s offset). None keeps the last one.
         Also empties R_cp's recompute queues: every micro-batch's recompute pass runs inside the
         step of its first pass, so anything left is from a forward that had no backward (a
         train-mode forward under ``torch.no_grad()``) and must not pair with a later micro-batch.
         """
         self._metrics_step = metrics
+        if step is not None:
+            self._step = int(step)
         if self._previous_mass_fifo or self._next_mass_fifo:
             logger.debug("layer %d: dropping %d + %d unconsumed R_cp recompute entries",
                          self.layer_number, len(self._previous_mass_fifo), len(self._next_mass_fifo))
@@ -396,7 +401,8 @@ class SpecializationMoELayer(MoELayer):
         The MoE layer sees this rank's [S_local, B] tokens flattened sequence-major; under sequence
         parallelism rank r of the TP group holds positions [r S_local, (r + 1) S_local) of each
         sequence. The subset depends only on the tokens' global (batch, position) indices, so every
-        layout picks the same tokens as one process.
+        layout picks the same tokens as one process. The subset rotates with the training step
+        (``begin_step``), which every rank knows alike.
         """
         s_local, batch = self._tokens_SB
         tp = self.tp_group.size() if self.tp_group is not None else 1
@@ -404,7 +410,8 @@ class SpecializationMoELayer(MoELayer):
         rank = self.tp_group.rank() if sharded else 0
         return losses.global_strided_mask(seq_len=s_local * (tp if sharded else 1), batch_size=batch,
                                           seq_start=rank * s_local, seq_count=s_local,
-                                          max_tokens=self.spec.sp_max_tokens, device=device)
+                                          max_tokens=self.spec.sp_max_tokens, device=device,
+                                          offset=self._step)
 
     def _collect_metrics_now(self) -> bool:
         """Metrics once per micro-batch: in the grad-enabled forward, or, when this layer is
