@@ -12,7 +12,8 @@ variants interleaved:
   counted in one training step (forward + backward), summed over the ranks, per variant: ``off``
   (megatron alone), ``sp`` (R_sp, exact), ``sp_b4`` / ``sp_b16`` (R_sp with ``sp_max_tokens`` = 1/4
   and 1/16 of a micro-batch's tokens), ``sp_ortho`` (R_sp + L_o, exact). megatron's dispatch bytes
-  are the ``off`` bytes; ``exchange_over_dispatch`` = (variant - off) / off. Deterministic: the
+  are the ``off`` bytes; ``exchange_over_dispatch`` = (variant - off) / off; ``rows_over_*`` leave
+  out the selection mask (uint8, one byte per routed row, forward only: ``mask_bytes``). Deterministic: the
   row counts summed over the ranks do not depend on the routing (dropless), so one step suffices;
 - time: median step time over ``--steps`` timed steps after one warm-up, as a ratio to ``off``,
   with ``off_again`` (a second ``off``: the A/A control, its distance from 1 is noise).
@@ -106,6 +107,16 @@ def bench_rank(shape: dict, dispatcher: str, dtype: str, steps: int, variants: l
             c, s, vp_stage=vp_stage))
     batches = local_microbatches(settings)
     counts = count_collectives()
+    # The selection mask (uint8, 1 byte per routed row) apart: index metadata, not rows.
+    real_a2a = dist.all_to_all_single if world > 1 else None
+    if real_a2a is not None:
+        def a2a_counting_masks(output, input, *a, **kw):
+            if input.dtype == torch.uint8:
+                counts["mask_uint8"] += input.numel()
+            return real_a2a(output, input, *a, **kw)
+
+        counts["mask_uint8"] = 0
+        dist.all_to_all_single = a2a_counting_masks
     bytes_per_step, times = {}, {name: [] for name in variants}
     for step in range(steps + 1):
         shift = step % len(variants)  # rotate the order every round
@@ -138,10 +149,12 @@ def summarize(ranks: list, variants: list, shape: dict) -> dict:
     exact = None
     for n in variants:
         extra = sum(total[n][k] for k in token_keys) - dispatch
+        mask = total[n].get("mask_uint8", 0)  # included in all_to_all
         if n == "sp":
             exact = extra
-        entry = {"collective_bytes_per_step": total[n], "exchange_bytes": extra,
-                 "exchange_over_dispatch": extra / dispatch if dispatch else None}
+        entry = {"collective_bytes_per_step": total[n], "exchange_bytes": extra, "mask_bytes": mask,
+                 "exchange_over_dispatch": extra / dispatch if dispatch else None,
+                 "rows_over_dispatch": (extra - mask) / dispatch if dispatch else None}
         if timed:
             med = statistics.median(rank0["step_times_s"][n])
             paired = sorted(t / b for t, b in zip(rank0["step_times_s"][n], rank0["step_times_s"]["off"]))
@@ -150,7 +163,9 @@ def summarize(ranks: list, variants: list, shape: dict) -> dict:
         out["variants"][n] = entry
     if exact:
         for n in variants:
-            out["variants"][n]["exchange_over_exact"] = out["variants"][n]["exchange_bytes"] / exact
+            v = out["variants"][n]
+            v["exchange_over_exact"] = v["exchange_bytes"] / exact
+            v["rows_over_exact"] = (v["exchange_bytes"] - v["mask_bytes"]) / exact
     return out
 
 
@@ -187,7 +202,7 @@ def main(argv=None) -> dict:
     results["setup"] = {"quick": args.quick, "dispatcher": args.dispatcher, "steps": steps, "variants":
                         {n: VARIANTS[n] for n in variants}, "shapes": {n: shapes[n] for n in shape_names}}
     print(f"{'shape':<9} {'dtype':<5} {'mode':<6} {'variant':<10} {'exchange/dispatch':>17} {'/exact':>7} "
-          f"{'step x':>7}")
+          f"{'rows/exact':>10} {'step x':>7}")
     for shape_name in shape_names:
         for dtype in args.dtypes:
             for mode in args.modes:
@@ -207,6 +222,7 @@ def main(argv=None) -> dict:
                     print(f"{shape_name:<9} {dtype:<5} {mode:<6} {n:<10} "
                           f"{ratio if ratio is not None else float('nan'):17.4f} "
                           f"{v.get('exchange_over_exact', float('nan')):7.4f} "
+                          f"{v.get('rows_over_exact', float('nan')):10.4f} "
                           f"{v.get('step_time_ratio', float('nan')):7.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -85,10 +85,11 @@ SHAPES = {
                      moe_shared_expert_intermediate_size=256, moe_z_loss_coeff=1e-3,
                      seq_length=256, micro_batch_size=2, vocab_size=1024),
 }
-# Realistic widths (issue 12): H=1024, one MoE layer, 2048 tokens per micro-batch, one per expert family:
+# Realistic widths (issue 12): H=1024, two MoE layers (R_cp needs a pair), 2048 tokens per micro-batch,
+# one shape per expert family:
 # Mixtral-like F/H = 3.5 top-2 of 8, OLMoE-like F/H = 0.5 top-8 of 64, DeepSeek-like F/H = 0.25 top-8
 # of 64 + a shared expert.
-_WIDE = dict(num_layers=1, hidden_size=1024, num_attention_heads=8, ffn_hidden_size=4096, seq_length=1024,
+_WIDE = dict(num_layers=2, hidden_size=1024, num_attention_heads=8, ffn_hidden_size=4096, seq_length=1024,
              micro_batch_size=2, vocab_size=1024)
 SHAPES.update({
     "mixtral_wide": dict(_WIDE, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=3584),
@@ -324,8 +325,7 @@ def main(argv=None) -> dict:
                 results[shape_name][mode] = summary
                 if args.json:
                     with open(args.json, "w") as f:
-                        f.write(json.dumps(results, indent=1) + "
-")
+                        f.write(json.dumps(results, indent=1) + "\n")
             for n in variants:
                 s = summary[n]
                 q = s["paired_ratio_quartiles"]
