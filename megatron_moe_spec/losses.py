@@ -100,13 +100,15 @@ def strided_token_subset(valid_T: Optional[torch.Tensor], max_tokens: Optional[i
 
 
 def global_strided_mask(seq_len: int, batch_size: int, seq_start: int, seq_count: int,
-                        max_tokens: int, device=None) -> torch.Tensor:
+                        max_tokens: int, device=None, offset: int = 0) -> torch.Tensor:
     """The ``sp_max_tokens`` subset of a micro-batch, chosen by global position (spec section 1).
 
     The micro-batch has ``batch_size`` sequences of ``seq_len`` tokens, N = seq_len * batch_size
     positions q = b * seq_len + s (batch-major). The subset is every position with
-    q % ceil(N / max_tokens) == 0: at most ``max_tokens`` positions, spread evenly over every
-    sequence. It depends on nothing but (b, s), so a rank holding only positions
+    q % c == offset % c, c = ceil(N / max_tokens): at most ``max_tokens`` positions, spread evenly
+    over every sequence. ``offset`` (the MoE layer passes the training step) rotates the subset: the
+    c offsets 0..c-1 partition the N positions, so over c consecutive steps every position is
+    chosen exactly once. It depends on nothing but (b, s), so a rank holding only positions
     [seq_start, seq_start + seq_count) of every sequence (a sequence-parallel shard) selects
     exactly its share of the same subset.
 
@@ -120,7 +122,7 @@ def global_strided_mask(seq_len: int, batch_size: int, seq_start: int, seq_count
     stride = -(-total // max_tokens)
     s_S1 = torch.arange(seq_start, seq_start + seq_count, device=device).unsqueeze(1)
     b_1B = torch.arange(batch_size, device=device).unsqueeze(0)
-    return ((b_1B * seq_len + s_S1) % stride == 0).reshape(-1)
+    return ((b_1B * seq_len + s_S1) % stride == offset % stride).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- Gram product

@@ -468,11 +468,11 @@ def register_model(model) -> None:
         _STATE.layers.append(weakref.ref(layer))
 
 
-def _begin_step(metrics: bool) -> None:
+def _begin_step(metrics: bool, step: Optional[int] = None) -> None:
     for ref in _STATE.layers:
         layer = ref()
         if layer is not None:
-            layer.begin_step(metrics)
+            layer.begin_step(metrics, step=step)
 
 
 # ---------------------------------------------------------------------------------- logging
@@ -674,7 +674,7 @@ def log_specialization_metrics(iteration: int, writer=None, wandb_writer=None) -
     """
     spec_config = _spec_config()
     if not spec_config.metrics:
-        _begin_step(False)  # the next step starts: R_cp's recompute queues are emptied
+        _begin_step(False, iteration + 1)  # the next step starts: R_cp's recompute queues are emptied
         return None
     interval = spec_config.metrics_interval
     scalars = None
@@ -693,7 +693,7 @@ def log_specialization_metrics(iteration: int, writer=None, wandb_writer=None) -
                 wandb_writer.log(scalars, iteration)
             _print_last(f" [moe-spec] iteration {iteration:8d} | " + " | ".join(
                 f"{tag[4:]}: {value:.4g}" for tag, value in scalars.items() if "_layer_" not in tag))
-    _begin_step((iteration + 1) % interval == 0)
+    _begin_step((iteration + 1) % interval == 0, iteration + 1)
     return scalars
 
 

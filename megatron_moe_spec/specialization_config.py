@@ -40,7 +40,8 @@ class SpecializationConfig:
     sp_max_tokens: Optional[int] = None
     """Evaluate R_sp (and L_o) on an evenly strided subset of at most this many valid tokens per
     micro-batch, chosen by global position (``losses.global_strided_mask``), so every parallel
-    layout picks the same tokens; None = all tokens. (The EP exchange still moves every row.)"""
+    layout picks the same tokens; None = all tokens. Under EP with the alltoall dispatcher only these
+    tokens' z / y rows travel (except on metrics steps, whose similarity metric reads every token)."""
     cp_form: str = "product"
     """R_cp form: ``product`` = -mean M^l M^l', ``log`` = -mean log(M^l M^l' + 1e-9)."""
     cp_pipeline: str = "exact"

@@ -30,6 +30,13 @@ allocator fragmentation/caching. Under EP the larger of the two ranks is reporte
     PYTHONPATH=. python scripts/bench_overhead.py --json out.json   # both shapes, all modes (~10 min, 2 cores)
     PYTHONPATH=. python scripts/bench_overhead.py --quick           # tiny smoke run (single process, < 1 min)
     PYTHONPATH=. python scripts/bench_overhead.py --shapes deepseek --modes ep2_allgather
+    PYTHONPATH=. python scripts/bench_overhead.py --shapes mixtral_wide olmoe_wide deepseek_wide \
+        --modes single ep2 --json wide.json --resume   # the realistic widths, with sp_max_tokens budgets
+    PYTHONPATH=. python scripts/bench_overhead.py --quick --shapes mixtral_wide olmoe_wide deepseek_wide --modes single ep2
+
+Budget variants (``lb_sp_b4``, ``lb_sp_cp_b16``, ...): R_sp with ``sp_max_tokens`` = 1/4 or 1/16 of a
+micro-batch's tokens (the default variants of the wide shapes, with lb, lb_sp, lb_sp_cp and lb_again).
+``--resume`` keeps the (shape, mode) entries already in ``--json``; the file is written after each entry.
 """
 from __future__ import annotations
 
@@ -55,6 +62,17 @@ VARIANTS = {
     "lb_metrics": {"metrics": True},
     "lb_again": {},  # a second copy of the baseline: the A/A control, its ratio is the noise floor
 }
+# sp_max_tokens variants ("budget": sp_max_tokens = tokens of a micro-batch // budget); chosen by
+# --variants, and by default for the wide shapes.
+BUDGET_VARIANTS = {
+    "lb_sp_b4": {"sp_coeff": 2e-3, "budget": 4},
+    "lb_sp_b16": {"sp_coeff": 2e-3, "budget": 16},
+    "lb_sp_cp_b4": {"sp_coeff": 2e-3, "cp_coeff": 1e-3, "budget": 4},
+    "lb_sp_cp_b16": {"sp_coeff": 2e-3, "cp_coeff": 1e-3, "budget": 16},
+}
+ALL_VARIANTS = {**VARIANTS, **BUDGET_VARIANTS}
+WIDE_DEFAULT_VARIANTS = ["lb", "lb_sp", "lb_sp_cp", "lb_sp_b4", "lb_sp_b16", "lb_sp_cp_b4", "lb_sp_cp_b16",
+                         "lb_again"]
 
 # Shapes: TinyGPTSettings fields. "vanilla": 8 full-size experts, top-2, softmax. "deepseek": fine-grained
 # experts (F = H/2) + shared experts, top-4 of 32, z-loss on (in every variant, the baseline included).
@@ -67,7 +85,25 @@ SHAPES = {
                      moe_shared_expert_intermediate_size=256, moe_z_loss_coeff=1e-3,
                      seq_length=256, micro_batch_size=2, vocab_size=1024),
 }
+# Realistic widths (issue 12): H=1024, two MoE layers (R_cp needs a pair), 2048 tokens per micro-batch,
+# one shape per expert family:
+# Mixtral-like F/H = 3.5 top-2 of 8, OLMoE-like F/H = 0.5 top-8 of 64, DeepSeek-like F/H = 0.25 top-8
+# of 64 + a shared expert.
+_WIDE = dict(num_layers=2, hidden_size=1024, num_attention_heads=8, ffn_hidden_size=4096, seq_length=1024,
+             micro_batch_size=2, vocab_size=1024)
+SHAPES.update({
+    "mixtral_wide": dict(_WIDE, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=3584),
+    "olmoe_wide": dict(_WIDE, num_moe_experts=64, moe_router_topk=8, moe_ffn_hidden_size=512),
+    "deepseek_wide": dict(_WIDE, num_moe_experts=64, moe_router_topk=8, moe_ffn_hidden_size=256,
+                          moe_shared_expert_intermediate_size=512),
+})
+WIDE_SHAPES = ("mixtral_wide", "olmoe_wide", "deepseek_wide")
+_NARROW = dict(hidden_size=128, num_attention_heads=4, ffn_hidden_size=256, seq_length=128, vocab_size=256)
 QUICK_SHAPES = {
+    "mixtral_wide": dict(SHAPES["mixtral_wide"], **_NARROW, moe_ffn_hidden_size=448),
+    "olmoe_wide": dict(SHAPES["olmoe_wide"], **_NARROW, num_moe_experts=16, moe_ffn_hidden_size=64),
+    "deepseek_wide": dict(SHAPES["deepseek_wide"], **_NARROW, num_moe_experts=16, moe_ffn_hidden_size=32,
+                          moe_shared_expert_intermediate_size=64),
     "vanilla": dict(SHAPES["vanilla"], hidden_size=64, ffn_hidden_size=128, moe_ffn_hidden_size=128,
                     seq_length=32, vocab_size=128),
     "deepseek": dict(SHAPES["deepseek"], hidden_size=64, ffn_hidden_size=128, num_moe_experts=16,
@@ -76,6 +112,17 @@ QUICK_SHAPES = {
 }
 # mode: (processes = expert-parallel size, token dispatcher)
 MODES = {"single": (1, "alltoall"), "ep2": (2, "alltoall"), "ep2_allgather": (2, "allgather")}
+
+
+def variant_config(name: str, tokens: int):
+    """The SpecializationConfig of a variant; ``budget`` b becomes sp_max_tokens = tokens // b."""
+    from megatron_moe_spec.specialization_config import SpecializationConfig
+
+    values = dict(ALL_VARIANTS[name])
+    budget = values.pop("budget", None)
+    if budget is not None:
+        values["sp_max_tokens"] = max(1, tokens // budget)
+    return SpecializationConfig(**values)
 
 
 def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: list):
@@ -96,9 +143,10 @@ def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: 
 
     models, optimizers, params = {}, {}, {}
     reference = None
+    tokens = settings.seq_length * settings.micro_batch_size
     for name in variants:
         torch.manual_seed(1234)
-        spec_config = SpecializationConfig(**VARIANTS[name])
+        spec_config = variant_config(name, tokens)
         chunks = build_model(config, settings, lambda c, vp_stage=None, s=spec_config: get_moe_block_spec(
             c, s, vp_stage=vp_stage))
         ps = [p for chunk in chunks for p in chunk.parameters()]
@@ -124,7 +172,7 @@ def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: 
         optimizers[name].step()
         for p in params[name]:
             p.grad = None
-        if VARIANTS[name].get("metrics"):
+        if ALL_VARIANTS[name].get("metrics"):
             layer_metrics.report()  # the log-time reduction, every step (metrics_interval = 1)
         moe_tracker.clear()
         return out
@@ -226,28 +274,37 @@ def summarize(ranks: list, variants: list) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, single process, 1+2 steps (smoke test)")
-    parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=None)
+    parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=None,
+                        help="default: vanilla deepseek; the realistic widths: " + " ".join(WIDE_SHAPES))
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=None,
                         help="single (1 process), ep2 (2 gloo processes, EP=2, alltoall dispatcher), ep2_allgather "
                              "(the same with the allgather dispatcher); default all (--quick: single)")
-    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=tuple(ALL_VARIANTS), default=None,
+                        help="default: every variant of VARIANTS; with a wide shape, " + " ".join(WIDE_DEFAULT_VARIANTS))
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 2; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 21; quick 2)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    parser.add_argument("--json", metavar="PATH", help="also write the results here (after every shape and mode)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the (shape, mode) entries already in --json and run only the missing ones")
     args = parser.parse_args(argv)
 
     from megatron_moe_spec.testing.distributed import ParallelSizes, run_distributed
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    shape_names = args.shapes or list(shapes)
+    shape_names = args.shapes or ["vanilla", "deepseek"]
     modes = args.modes or (["single"] if args.quick else list(MODES))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     steps = args.steps if args.steps is not None else (2 if args.quick else 21)
-    variants = list(dict.fromkeys(["lb"] + args.variants))
+    default_variants = WIDE_DEFAULT_VARIANTS if any(n in WIDE_SHAPES for n in shape_names) else list(VARIANTS)
+    variants = list(dict.fromkeys(["lb"] + (args.variants or default_variants)))
 
-    results = {"setup": {"quick": args.quick, "modes": {m: MODES[m] for m in modes}, "warmup": warmup, "steps": steps,
-                         "lb_coeff": LB, "variants": {n: VARIANTS[n] for n in variants},
-                         "shapes": {n: shapes[n] for n in shape_names}, "threads_per_process": 1}}
+    results = {}
+    if args.resume and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            results = json.load(f)
+    results["setup"] = {"quick": args.quick, "modes": {m: MODES[m] for m in modes}, "warmup": warmup, "steps": steps,
+                        "lb_coeff": LB, "variants": {n: ALL_VARIANTS[n] for n in variants},
+                        "shapes": {n: shapes[n] for n in shape_names}, "threads_per_process": 1}
     print(f"warm-up {warmup}, timed {steps} steps per variant (interleaved); one thread per process")
     header = (f"{'shape':<9} {'mode':<13} {'variant':<11} {'step ms':>8} {'time x':>7} {'paired IQR':>13} "
               f"{'cpu x':>6} {'peak mem x':>10} "
@@ -255,14 +312,20 @@ def main(argv=None) -> dict:
     print(header)
     print("-" * len(header))
     for shape_name in shape_names:
-        results[shape_name] = {}
+        results.setdefault(shape_name, {})
         for mode in modes:
-            world, dispatcher = MODES[mode]
-            ranks = run_distributed(bench_rank, world, ParallelSizes(ep=world),
-                                    args=(shapes[shape_name], dispatcher, warmup, steps, variants),
-                                    timeout=3600)
-            summary = summarize(ranks, variants)
-            results[shape_name][mode] = summary
+            if mode in results[shape_name] and set(results[shape_name][mode]) >= set(variants):
+                summary = results[shape_name][mode]  # --resume: measured by an earlier run
+            else:
+                world, dispatcher = MODES[mode]
+                ranks = run_distributed(bench_rank, world, ParallelSizes(ep=world),
+                                        args=(shapes[shape_name], dispatcher, warmup, steps, variants),
+                                        timeout=3600)
+                summary = summarize(ranks, variants)
+                results[shape_name][mode] = summary
+                if args.json:
+                    with open(args.json, "w") as f:
+                        f.write(json.dumps(results, indent=1) + "\n")
             for n in variants:
                 s = summary[n]
                 q = s["paired_ratio_quartiles"]

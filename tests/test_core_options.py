@@ -54,34 +54,51 @@ def moe_layers(model):
 
 
 # ----------------------------------------------------------------------------- sp_max_tokens subset
-def brute_force_subset(seq_len, batch, max_tokens):
-    """{(b, s)} with (b * seq_len + s) % ceil(N / max_tokens) == 0, by a plain loop."""
+def brute_force_subset(seq_len, batch, max_tokens, offset=0):
+    """{(b, s)} with (b * seq_len + s) % c == offset % c, c = ceil(N / max_tokens), by a plain loop."""
     n = seq_len * batch
     stride = (n + max_tokens - 1) // max_tokens
-    return {(b, s) for b in range(batch) for s in range(seq_len) if (b * seq_len + s) % stride == 0}
+    return {(b, s) for b in range(batch) for s in range(seq_len) if (b * seq_len + s) % stride == offset % stride}
 
 
 @pytest.mark.parametrize("seq_len,batch,max_tokens,shards", [(8, 2, 5, 1), (8, 2, 5, 2), (12, 3, 7, 4),
                                                              (16, 2, 64, 2), (6, 4, 1, 3)])
-def test_global_strided_mask_is_the_same_subset_on_every_shard(seq_len, batch, max_tokens, shards):
-    expected = brute_force_subset(seq_len, batch, max_tokens)
+@pytest.mark.parametrize("offset", [0, 1, 5])
+def test_global_strided_mask_is_the_same_subset_on_every_shard(seq_len, batch, max_tokens, shards, offset):
+    expected = brute_force_subset(seq_len, batch, max_tokens, offset)
     assert 0 < len(expected) <= max_tokens
     chunk = seq_len // shards
     got = set()
     for r in range(shards):
-        mask = losses.global_strided_mask(seq_len, batch, r * chunk, chunk, max_tokens)
+        mask = losses.global_strided_mask(seq_len, batch, r * chunk, chunk, max_tokens, offset=offset)
         assert mask.shape == (chunk * batch,)
         for i in torch.nonzero(mask).flatten().tolist():  # local token i = (s, b), sequence-major
             got.add((i % batch, r * chunk + i // batch))
     assert got == expected
 
 
-def test_budget_in_one_process_is_rsp_of_the_global_subset(megatron_single_process, monkeypatch):
-    """The layer's budgeted R_sp is the pure R_sp on exactly the subset's tokens (independent z)."""
+@pytest.mark.parametrize("seq_len,batch,max_tokens", [(8, 2, 5), (12, 3, 7), (6, 4, 1), (16, 2, 64)])
+def test_rotating_offsets_choose_every_position_exactly_once(seq_len, batch, max_tokens):
+    """Over c = ceil(N / max_tokens) consecutive steps every position is in exactly one subset: the
+    mean over a cycle of the per-step sums is the full sum / c (the basis of the unbiasedness)."""
+    stride = -(-seq_len * batch // max_tokens)
+    masks = torch.stack([losses.global_strided_mask(seq_len, batch, 0, seq_len, max_tokens, offset=o)
+                         for o in range(stride)])
+    assert torch.equal(masks.sum(0), torch.ones(seq_len * batch, dtype=torch.long))
+    assert torch.equal(masks[0], losses.global_strided_mask(seq_len, batch, 0, seq_len, max_tokens,
+                                                            offset=stride))
+
+
+@pytest.mark.parametrize("step", [0, 3])
+def test_budget_in_one_process_is_rsp_of_the_global_subset(megatron_single_process, monkeypatch, step):
+    """The layer's budgeted R_sp is the pure R_sp on exactly the subset's tokens (independent z); the
+    subset rotates with the step given to begin_step."""
     from test_core_independent import independent_layer
 
     spec = SpecializationConfig(sp_coeff=0.5, sp_max_tokens=5)
     model = one_model(SMALL, spec)
+    for m in moe_layers(model):
+        m.begin_step(metrics=False, step=step)
     calls, inputs = [], {}
     real = losses.specialization_loss
 
@@ -99,8 +116,10 @@ def test_budget_in_one_process_is_rsp_of_the_global_subset(megatron_single_proce
     for h in hooks:
         h.remove()
     assert len(calls) == len(layers)
-    mask_T = losses.global_strided_mask(SMALL.seq_length, SMALL.micro_batch_size, 0, SMALL.seq_length, 5)
-    assert int(mask_T.sum()) == 4  # 16 positions, stride 4: (b, s) in {(0,0),(0,4),(1,0),(1,4)}
+    mask_T = losses.global_strided_mask(SMALL.seq_length, SMALL.micro_batch_size, 0, SMALL.seq_length, 5,
+                                        offset=step)
+    # 16 positions, stride 4: (b, s) in {(0,0),(0,4),(1,0),(1,4)} at step 0, s + 3 at step 3
+    assert int(mask_T.sum()) == 4 and bool(mask_T[0]) == (step == 0)
     for i, (value, valid) in enumerate(calls):
         assert torch.equal(valid, mask_T)
         ref = independent_layer(layers[i], inputs[i])
@@ -111,35 +130,150 @@ def test_budget_in_one_process_is_rsp_of_the_global_subset(megatron_single_proce
         assert abs(full - expected) > 1e-3 * abs(expected), "the subset must matter"
 
 
-BUDGET = SpecializationConfig(sp_coeff=0.05, ortho_coeff=0.05, sp_max_tokens=11, metrics=True)
+BUDGET = SpecializationConfig(sp_coeff=0.05, ortho_coeff=0.05, sp_max_tokens=11)
+BUDGET_METRICS = SpecializationConfig(sp_coeff=0.05, ortho_coeff=0.05, sp_max_tokens=11, metrics=True)
+# (name, settings, world, parallel, dp, spec, selected-rows exchange expected)
 BUDGET_LAYOUTS = [
-    ("tp2_sp", TinyGPTSettings(num_moe_experts=4, moe_ffn_hidden_size=32), 2, ParallelSizes(tp=2), 1),
-    ("tp2_ep2", TinyGPTSettings(num_moe_experts=4, moe_ffn_hidden_size=32), 4, ParallelSizes(tp=2, ep=2), 2),
+    ("tp2_sp", TinyGPTSettings(num_moe_experts=4, moe_ffn_hidden_size=32), 2, ParallelSizes(tp=2), 1,
+     BUDGET_METRICS, False),
+    ("tp2_ep2", TinyGPTSettings(num_moe_experts=4, moe_ffn_hidden_size=32), 4, ParallelSizes(tp=2, ep=2), 2,
+     BUDGET, True),
+    ("ep2_alltoall", TinyGPTSettings(num_moe_experts=4, moe_ffn_hidden_size=32), 2, ParallelSizes(ep=2), 2,
+     BUDGET, True),
+    # A metrics step reads every token's z: the full exchange, and the budgeted losses still exact.
+    ("ep2_alltoall_metrics", TinyGPTSettings(num_moe_experts=4, moe_ffn_hidden_size=32), 2, ParallelSizes(ep=2), 2,
+     BUDGET_METRICS, False),
     ("ep2_allgather", TinyGPTSettings(num_moe_experts=4, moe_ffn_hidden_size=32,
-                                      moe_token_dispatcher_type="allgather"), 2, ParallelSizes(ep=2), 2),
+                                      moe_token_dispatcher_type="allgather"), 2, ParallelSizes(ep=2), 2,
+     BUDGET, False),
 ]
 
 
+BUDGET_STEP = 2  # the training step the parity runs take (the subset's offset: 2 of stride 3)
+
+
+def step_counting_selected_exchanges(*args, **kwargs):
+    """train_step_result at training step BUDGET_STEP, plus how many times the selected-rows exchange
+    ran on this rank."""
+    from megatron_moe_spec.core import token_exchange
+    from megatron_moe_spec.core.moe_layer import SpecializationMoELayer
+    from megatron_moe_spec.testing.tiny_gpt import train_step_result as step
+
+    calls = []
+    real, real_init = token_exchange.selected_rows_exchange, SpecializationMoELayer.__init__
+
+    def counting(dispatcher, rows, select):
+        calls.append(int(select.sum()))
+        return real(dispatcher, rows, select)
+
+    def init_at_step(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.begin_step(metrics=True, step=BUDGET_STEP)  # metrics=True: the default before any begin_step
+
+    token_exchange.selected_rows_exchange, SpecializationMoELayer.__init__ = counting, init_at_step
+    try:
+        result = step(*args, **kwargs)
+    finally:
+        token_exchange.selected_rows_exchange, SpecializationMoELayer.__init__ = real, real_init
+    result["selected_exchanges"] = calls
+    return result
+
+
 @pytest.mark.multirank
-@pytest.mark.parametrize("name,settings,world,parallel,dp", BUDGET_LAYOUTS, ids=[l[0] for l in BUDGET_LAYOUTS])
-def test_budgeted_losses_match_one_process(name, settings, world, parallel, dp):
+@pytest.mark.parametrize("name,settings,world,parallel,dp,spec,selected", BUDGET_LAYOUTS,
+                         ids=[l[0] for l in BUDGET_LAYOUTS])
+def test_budgeted_losses_match_one_process(name, settings, world, parallel, dp, spec, selected):
     """sp_max_tokens picks the same tokens in every layout: loss, gradients and logged values equal
-    one process (before, each TP rank took max_tokens // tp of its own shard)."""
+    one process at the same training step (the subset's offset; before, each TP rank took
+    max_tokens // tp of its own shard). Under EP with the
+    alltoall dispatcher only the selected tokens' rows travel (forward and backward), and the step
+    is still that of one process."""
     single = settings.replace(num_microbatches=settings.num_microbatches * dp)
-    ref = run_distributed(train_step_result, 1, ParallelSizes(), args=(single, spec_fn(BUDGET)))[0]
+    ref = run_distributed(step_counting_selected_exchanges, 1, ParallelSizes(), args=(single, spec_fn(spec)))[0]
     full = run_distributed(train_step_result, 1, ParallelSizes(),
                            args=(single, spec_fn(SpecializationConfig(sp_coeff=0.05, ortho_coeff=0.05))),
                            kwargs={"initial_params": ref["params"]})[0]
     sp_ref = ref["tracker"]["specialization_loss"]
     assert any(abs(a - b) > 1e-3 * abs(b) for a, b in zip(sp_ref, full["tracker"]["specialization_loss"])), \
         "the budget must change R_sp here, or this test cannot see a wrong subset"
-    results = run_distributed(train_step_result, world, parallel, args=(settings, spec_fn(BUDGET)),
+    results = run_distributed(step_counting_selected_exchanges, world, parallel, args=(settings, spec_fn(spec)),
                               kwargs={"initial_params": ref["params"]})
     for result in results:
+        if selected:
+            assert result["selected_exchanges"], "the selected-rows exchange must run in this layout"
+        else:
+            assert not result["selected_exchanges"]
         assert_same_step(ref, result, rtol=1e-5)
         for name_ in ("specialization_loss", "orthogonality_loss"):
             for a, b in zip(ref["tracker"][name_], result["tracker"][name_]):
                 assert abs(a - b) <= 1e-5 * max(abs(a), 1e-6), (name_, b, a)
+
+
+def exchange_bytes_step(settings, spec_fn_):
+    """One training step: all-to-all payload bytes sent, by dtype, inside the z/y exchange's forward
+    (``"exchange"``) and over the whole step, forward and backward (``"step"``)."""
+    import torch.distributed as dist
+
+    from megatron_moe_spec.core import moe_layer
+    from megatron_moe_spec.testing.tiny_gpt import train_step_result as step
+
+    sent = {"exchange": {}, "step": {}}
+    inside = [False]
+    real_a2a, real_exchange = dist.all_to_all_single, moe_layer.rows_to_tokens
+
+    def counted_a2a(output, input, *args, **kwargs):
+        for where in ("exchange", "step") if inside[0] else ("step",):
+            key = str(input.dtype).replace("torch.", "")
+            sent[where][key] = sent[where].get(key, 0) + input.numel() * input.element_size()
+        return real_a2a(output, input, *args, **kwargs)
+
+    def exchange(*args, **kwargs):
+        inside[0] = True
+        try:
+            return real_exchange(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    dist.all_to_all_single, moe_layer.rows_to_tokens = counted_a2a, exchange
+    try:
+        step(settings, spec_fn_)
+    finally:
+        dist.all_to_all_single, moe_layer.rows_to_tokens = real_a2a, real_exchange
+    return sent
+
+
+@pytest.mark.multirank
+def test_a_sixteenth_budget_moves_a_sixteenth_of_the_rows():
+    """EP2 alltoall, sp_max_tokens = 1/16 of a micro-batch's tokens: the exchange's all-to-all moves at
+    most 1/16 of exact mode's row bytes, forward and backward, plus the 1-byte-per-row selection mask."""
+    settings = TinyGPTSettings(num_moe_experts=4, moe_ffn_hidden_size=32, seq_length=64, micro_batch_size=2,
+                               num_layers=2)
+    tokens = settings.seq_length * settings.micro_batch_size
+
+    def run(spec):
+        return run_distributed(exchange_bytes_step, 2, ParallelSizes(ep=2), args=(settings, spec_fn(spec)))
+
+    losses_on = dict(sp_coeff=0.05, ortho_coeff=0.05)
+    off = run(SpecializationConfig())
+    exact = run(SpecializationConfig(**losses_on))
+    budget = run(SpecializationConfig(**losses_on, sp_max_tokens=tokens // 16))
+    layers, k, width = settings.num_layers, settings.moe_router_topk, 32 + settings.hidden_size
+    # Summed over both ranks: an expert rank sends the rows its experts computed (their number depends
+    # on the routing), the token's rank the mask of its own rows and, in backward, their gradients.
+    rows_bytes = 2 * layers * tokens * k * width * 4  # every routed row of both ranks, F + H fp32 values
+
+    def total(results, where, dtype):
+        return sum(r[where].get(dtype, 0) for r in results)
+
+    assert {key for r in exact for key in r["exchange"]} == {"float32"}
+    assert total(exact, "exchange", "float32") == rows_bytes
+    assert total(budget, "exchange", "uint8") == 2 * layers * tokens * k  # the mask: one byte per routed row
+    assert 0 < total(budget, "exchange", "float32") <= rows_bytes / 16, budget
+    exact_extra = total(exact, "step", "float32") - total(off, "step", "float32")
+    budget_extra = total(budget, "step", "float32") - total(off, "step", "float32")
+    assert exact_extra == 2 * rows_bytes, (exact, off)  # the rows forward, their gradients backward
+    assert 0 < budget_extra <= exact_extra / 16, (budget, exact, off)
+    assert total(budget, "step", "uint8") == 2 * layers * tokens * k  # the mask travels forward only
 
 
 # ----------------------------------------------------------------------------- super() and the exchange

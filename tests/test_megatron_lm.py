@@ -636,9 +636,11 @@ class FakeWriter:
 class FakeLayer:
     def __init__(self):
         self.active = []
+        self.steps = []
 
-    def begin_step(self, active):
+    def begin_step(self, active, step=None):
         self.active.append(active)
+        self.steps.append(step)
 
 
 def fake_report(tokens=10.0):
@@ -672,6 +674,8 @@ def test_metrics_hook_reports_every_interval_and_gates_collection(run_args, monk
     assert ("moe/routing_entropy_layer_2", 3.0, 6) in writer.scalars
     # Collection is on exactly for the iterations that will be reported (3 and 6): set after 2, 5.
     assert layer.active == [False, True, False, False, True, False]
+    # The iteration about to run (it rotates the sp_max_tokens subset alike on every rank).
+    assert layer.steps == [2, 3, 4, 5, 6, 7]
 
 
 def test_metrics_hook_skips_an_empty_report_and_is_a_no_op_when_off(run_args, monkeypatch):

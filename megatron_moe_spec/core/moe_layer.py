@@ -92,6 +92,7 @@ class SpecializationMoELayer(MoELayer):
         self._z_TKF: Optional[torch.Tensor] = None
         self._y_TKH: Optional[torch.Tensor] = None
         self._metrics_step = True
+        self._step = 0  # the training iteration (begin_step): rotates the sp_max_tokens subset
         self._tokens_SB = None
         self._cross_stage = None  # see _cross_stage_peers
         # R_cp under activation recomputation (see _coupling_under_recompute): first-pass values
@@ -117,15 +118,19 @@ class SpecializationMoELayer(MoELayer):
     def _wants_y(self) -> bool:
         return self.topk > 1 and self.spec.ortho_coeff > 0 and self._loss_pass()
 
-    def begin_step(self, metrics: bool) -> None:
+    def begin_step(self, metrics: bool, step: Optional[int] = None) -> None:
         """Call once before each training step (the driver and the Megatron-LM hooks do).
 
         ``metrics``: collect the routing metrics in this step (the driver's ``metrics_interval``).
+        ``step``: the training iteration about to run (the same on every rank); it rotates the
+        ``sp_max_tokens`` subset (``losses.global_strided_mask``'s offset). None keeps the last one.
         Also empties R_cp's recompute queues: every micro-batch's recompute pass runs inside the
         step of its first pass, so anything left is from a forward that had no backward (a
         train-mode forward under ``torch.no_grad()``) and must not pair with a later micro-batch.
         """
         self._metrics_step = metrics
+        if step is not None:
+            self._step = int(step)
         if self._previous_mass_fifo or self._next_mass_fifo:
             logger.debug("layer %d: dropping %d + %d unconsumed R_cp recompute entries",
                          self.layer_number, len(self._previous_mass_fifo), len(self._next_mass_fifo))
@@ -161,7 +166,7 @@ class SpecializationMoELayer(MoELayer):
             y_rows = ungate(captured.expert_output, captured.permuted_probs)  # [R, H], partial over ETP
             pieces.append(y_rows.to(pieces[0].dtype) if pieces else y_rows)
         rows = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        tokens_TKW = rows_to_tokens(dispatcher, rows, self._record, gathered_map)
+        tokens_TKW = rows_to_tokens(dispatcher, rows, self._record, gathered_map, self._exchange_selection())
         width_z = self.ffn_size if want_z else 0
         self._z_TKF = tokens_TKW[..., :width_z] if want_z else None
         self._y_TKH = tokens_TKW[..., width_z:] if want_y else None
@@ -385,13 +390,25 @@ class SpecializationMoELayer(MoELayer):
         per_expert = s2_E / n - (2 * s1_E * s1_global - s1_global.square() / size) / n.square()
         return -per_expert.mean()
 
+    def _exchange_selection(self) -> Optional[torch.Tensor]:
+        """bool [T_local]: the tokens whose rows must travel, or None for all of them.
+
+        With ``sp_max_tokens`` the losses read only the valid tokens of the budget subset, so only
+        theirs travel (alltoall under EP; see token_exchange). A metrics pass reads every token's z
+        (the similarity metric is not sub-sampled): it exchanges all rows, on metrics steps only.
+        """
+        if self.spec.sp_max_tokens is None or self._metrics_pass():
+            return None
+        return self._record.valid_T & self._budget_mask_T(self._record.valid_T.device)
+
     def _budget_mask_T(self, device) -> torch.Tensor:
         """bool [T_local]: the tokens of ``sp_max_tokens``' global strided subset on this rank.
 
         The MoE layer sees this rank's [S_local, B] tokens flattened sequence-major; under sequence
         parallelism rank r of the TP group holds positions [r S_local, (r + 1) S_local) of each
         sequence. The subset depends only on the tokens' global (batch, position) indices, so every
-        layout picks the same tokens as one process.
+        layout picks the same tokens as one process. The subset rotates with the training step
+        (``begin_step``), which every rank knows alike.
         """
         s_local, batch = self._tokens_SB
         tp = self.tp_group.size() if self.tp_group is not None else 1
@@ -399,7 +416,8 @@ class SpecializationMoELayer(MoELayer):
         rank = self.tp_group.rank() if sharded else 0
         return losses.global_strided_mask(seq_len=s_local * (tp if sharded else 1), batch_size=batch,
                                           seq_start=rank * s_local, seq_count=s_local,
-                                          max_tokens=self.spec.sp_max_tokens, device=device)
+                                          max_tokens=self.spec.sp_max_tokens, device=device,
+                                          offset=self._step)
 
     def _collect_metrics_now(self) -> bool:
         """Metrics once per micro-batch: in the grad-enabled forward, or, when this layer is

@@ -20,6 +20,17 @@ Rows that are partial sums over ETP (y, the fc2 output) are combined as the disp
 Everything is autograd-transparent: gradients of a loss on the [T, k, W] result flow back through the
 combine's own backward (the dispatch path) to the expert rows.
 
+**Selected tokens only** (``select_T``, the ``sp_max_tokens`` subset; alltoall dispatcher with EP > 1):
+the token's rank knows which of its permuted rows belong to selected tokens. It sends that mask (one
+byte per row) forward with the dispatcher's own EP splits (the direction of its token dispatch), so
+the expert side holds it in the order of ``combine_preprocess``'s output; the expert side keeps only
+those rows and an all-to-all whose splits are the selected counts returns them. Both sides compute the
+counts from the mask they hold (no extra metadata). Its backward (megatron's autograd ``all_to_all``)
+returns only the selected rows' gradients. Rows of unselected tokens come back as zeros; the losses
+mask them. ``combine_preprocess`` itself (the un-sort, and the reduce-scatter over expert TP) stays
+full-width: it is local or within the expert-TP group. The allgather dispatcher, and EP = 1, keep the
+full exchange (see docs/parallelism.md).
+
 Slot order: a token's experts in ascending expert index. The losses are symmetric in the slots.
 """
 from __future__ import annotations
@@ -49,11 +60,16 @@ def slot_of_selected(routing_map_TE: torch.Tensor) -> torch.Tensor:
 
 
 def rows_to_tokens(dispatcher, rows_RW: torch.Tensor, record: RoutingRecord,
-                   global_routing_map_TE: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   global_routing_map_TE: Optional[torch.Tensor] = None,
+                   select_T: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Expert rows (this rank's experts, dispatcher order) -> [T_local, k, W] for this rank's tokens.
 
     ``global_routing_map_TE`` is the all-gathered routing map the allgather dispatcher worked with
     (it clears it after dispatch; the MoE layer keeps a reference). Unused for alltoall.
+    ``select_T``: bool [T_local] or None. When given, only the rows of these tokens are needed: the
+    others may come back as zeros (the alltoall dispatcher under EP > 1 then moves only the selected
+    rows; see the module docstring). The same value on every rank of a layout is *not* required:
+    each rank passes its own tokens' selection.
     """
     from megatron.core.transformer.moe.token_dispatcher import (
         MoEAllGatherTokenDispatcher,
@@ -61,7 +77,7 @@ def rows_to_tokens(dispatcher, rows_RW: torch.Tensor, record: RoutingRecord,
     )
 
     if isinstance(dispatcher, MoEAlltoAllTokenDispatcher):
-        return _alltoall_rows_to_tokens(dispatcher, rows_RW, record)
+        return _alltoall_rows_to_tokens(dispatcher, rows_RW, record, select_T)
     if isinstance(dispatcher, MoEAllGatherTokenDispatcher):
         return _allgather_rows_to_tokens(dispatcher, rows_RW, record, global_routing_map_TE)
     raise ExchangeNotSupported(
@@ -70,7 +86,39 @@ def rows_to_tokens(dispatcher, rows_RW: torch.Tensor, record: RoutingRecord,
     )
 
 
-def _alltoall_rows_to_tokens(dispatcher, rows_RW, record: RoutingRecord) -> torch.Tensor:
+def _splits(value) -> list:
+    """The dispatcher's split sizes (tensor, numpy array or list) as a list of ints."""
+    return [int(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+
+
+def _segment_counts(mask_N: torch.Tensor, splits: list) -> list:
+    """How many True entries each consecutive chunk of ``splits`` rows holds (host ints)."""
+    if not splits:
+        return []
+    return [int(c) for c in torch.stack([m.sum() for m in torch.split(mask_N.long(), splits)]).tolist()]
+
+
+def selected_rows_exchange(dispatcher, rows_RW: torch.Tensor, rows_select_N: torch.Tensor) -> torch.Tensor:
+    """The alltoall combine for the selected rows only: expert rows -> [n_selected, W] on the source.
+
+    ``rows_select_N``: bool [N_permuted], this rank's permuted rows (expert-major, ascending token)
+    whose token is selected. Returns the selected rows in that order (the autograd graph runs back
+    through megatron's all_to_all and ``combine_preprocess``).
+    """
+    from megatron.core.tensor_parallel.mappings import all_to_all
+
+    group = dispatcher.ep_group
+    input_splits, output_splits = _splits(dispatcher.input_splits), _splits(dispatcher.output_splits)
+    # Forward, as the token dispatch: the mask arrives in the order combine_preprocess produces.
+    mask_M = all_to_all(group, rows_select_N.to(torch.uint8).contiguous(), output_splits, input_splits).bool()
+    rows = dispatcher.combine_preprocess(rows_RW)  # [M, W]: un-sorted, reduce-scattered over expert TP
+    send_counts = _segment_counts(mask_M, output_splits)  # to each source rank
+    recv_counts = _segment_counts(rows_select_N, input_splits)  # from each expert rank
+    return all_to_all(group, rows[mask_M], recv_counts, send_counts)
+
+
+def _alltoall_rows_to_tokens(dispatcher, rows_RW, record: RoutingRecord,
+                             select_T: Optional[torch.Tensor] = None) -> torch.Tensor:
     if getattr(dispatcher, "drop_and_pad", False):
         raise ExchangeNotSupported(
             "moe_pad_expert_input_to_capacity is not supported with R_sp / L_o: set it to false "
@@ -80,12 +128,17 @@ def _alltoall_rows_to_tokens(dispatcher, rows_RW, record: RoutingRecord) -> torc
         raise ExchangeNotSupported(
             "moe_router_padding_for_quantization is not supported with R_sp / L_o"
         )
-    rows = dispatcher.combine_preprocess(rows_RW)
-    rows = dispatcher.token_combine(rows)  # [N_permuted, W] in this rank's permuted order
     routing_map = dispatcher.routing_map
     expert_idx, token_idx = routing_map.T.nonzero(as_tuple=True)  # expert-major, tokens ascending
     slot = slot_of_selected(routing_map)[token_idx, expert_idx]
-    num_tokens, k, width = routing_map.shape[0], record.topk, rows.shape[-1]
+    num_tokens, k, width = routing_map.shape[0], record.topk, rows_RW.shape[-1]
+    if select_T is not None and dispatcher.ep_size > 1:
+        rows_select_N = select_T.to(torch.bool)[token_idx]
+        rows = selected_rows_exchange(dispatcher, rows_RW, rows_select_N)
+        token_idx, slot = token_idx[rows_select_N], slot[rows_select_N]
+    else:
+        rows = dispatcher.combine_preprocess(rows_RW)
+        rows = dispatcher.token_combine(rows)  # [N_permuted, W] in this rank's permuted order
     out = rows.new_zeros(num_tokens, k, width)
     return out.index_put((token_idx, slot), rows)
 

@@ -122,7 +122,7 @@ def train(cfg) -> Optional[Dict[str, float]]:
         step = iteration + 1
         metrics_now = spec.metrics and step % spec.metrics_interval == 0
         for layer in moe_modules:
-            layer.begin_step(metrics_now)
+            layer.begin_step(metrics_now, step=step)
         lr = optimizer.param_groups[0]["lr"]
         batches = train_reader.step_batches(consumed)
         reports, _, skipped = train_step(model, optimizer, scheduler, batches, cfg,
