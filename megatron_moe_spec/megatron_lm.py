@@ -69,7 +69,8 @@ _FLAGS = {
     "var_coeff": (float, "lambda_v of L_v, the router variance loss of arXiv 2505.22323. Default 0 (off)."),
     "sp_similarity": (SP_SIMILARITIES, "R_sp pair similarity. Default squared_cosine."),
     "sp_max_tokens": (int, "Evaluate R_sp and L_o on at most this many valid tokens per micro-batch "
-                           "(evenly strided by global position: the same tokens in every layout). "
+                           "(evenly strided by global position, the offset rotating with the iteration: "
+                           "the same tokens in every layout; under EP alltoall only their rows travel). "
                            "Default: all tokens."),
     "cp_form": (CP_FORMS, "R_cp form: product = -mean M M', log = -mean log(M M' + 1e-9). Default product."),
     "cp_pipeline": (CP_PIPELINE_POLICIES, "Adjacent MoE layers on different pipeline stages "

@@ -1648,8 +1648,9 @@ _SPECIALIZATION_HELP = {
     "ortho_coeff": "lambda_o, orthogonality loss L_o of arXiv 2505.22323 (baseline). Needs model.swiglu.",
     "var_coeff": "lambda_v, router variance loss L_v of arXiv 2505.22323 (baseline).",
     "sp_similarity": "R_sp pair similarity: squared_cosine or abs_cosine.",
-    "sp_max_tokens": "Evaluate R_sp and L_o on an evenly strided subset (by global position) of at most this many valid tokens "
-                     "per micro-batch; null = all tokens.",
+    "sp_max_tokens": "Evaluate R_sp and L_o on an evenly strided subset (by global position, the offset rotating "
+                     "with the step) of at most this many valid tokens per micro-batch; under EP with the alltoall "
+                     "dispatcher only those tokens' rows travel (docs/parallelism.md); null = all tokens.",
     "cp_form": "R_cp form: product (-mean M^l M^l') or log (-mean log(M^l M^l' + 1e-9)).",
     "cp_pipeline": "MoE pairs split across pipeline stages: exact (the top-k mass, validity and top-1 travel "
                    "forward, 3T values, and dR/dM back, T values, per pair and micro-batch) or skip (left out, "
