@@ -74,13 +74,9 @@ DTYPES = ("fp32", "bf16")
 
 
 def spec_config(name: str, tokens: int):
-    from megatron_moe_spec.specialization_config import SpecializationConfig
+    from megatron_moe_spec.testing.bench import budgeted_spec_config
 
-    values = dict(VARIANTS[name])
-    budget = values.pop("budget", None)
-    if budget is not None:
-        values["sp_max_tokens"] = max(1, tokens // budget)
-    return SpecializationConfig(**values)
+    return budgeted_spec_config(VARIANTS[name], tokens)
 
 
 def bench_rank(shape: dict, dispatcher: str, dtype: str, steps: int, variants: list):

@@ -116,13 +116,9 @@ MODES = {"single": (1, "alltoall"), "ep2": (2, "alltoall"), "ep2_allgather": (2,
 
 def variant_config(name: str, tokens: int):
     """The SpecializationConfig of a variant; ``budget`` b becomes sp_max_tokens = tokens // b."""
-    from megatron_moe_spec.specialization_config import SpecializationConfig
+    from megatron_moe_spec.testing.bench import budgeted_spec_config
 
-    values = dict(ALL_VARIANTS[name])
-    budget = values.pop("budget", None)
-    if budget is not None:
-        values["sp_max_tokens"] = max(1, tokens // budget)
-    return SpecializationConfig(**values)
+    return budgeted_spec_config(ALL_VARIANTS[name], tokens)
 
 
 def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: list):

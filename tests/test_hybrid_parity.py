@@ -124,11 +124,11 @@ def test_hybrid_layouts_that_leave_layers_unbuilt_are_refused(pattern, pp, vpp, 
 # ----------------------------------------------------------------------------- parity
 import functools  # noqa: E402
 
-from test_core_parity import assert_close_metrics, assert_close_values  # noqa: E402
+from test_core_parity import assert_alone_grads_match, assert_close_metrics, assert_close_values  # noqa: E402
 
 from megatron_moe_spec.core.hybrid import get_hybrid_stack_spec  # noqa: E402
 from megatron_moe_spec.specialization_config import SpecializationConfig  # noqa: E402
-from megatron_moe_spec.testing.compare import assert_same_step, tensor_mismatches  # noqa: E402
+from megatron_moe_spec.testing.compare import assert_same_step  # noqa: E402
 from megatron_moe_spec.testing.distributed import ParallelSizes, run_distributed  # noqa: E402
 from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, train_step_result  # noqa: E402
 
@@ -200,11 +200,7 @@ def test_hybrid_losses_match_one_process(name, settings, world, parallel, dp):
     assert bool(cross_stage_pairs(_pp_config(parallel), moe, pattern)) == (parallel.pp > 1)
     for rank, result in enumerate(results):
         assert_same_step(ref, result, rtol=1e-5)
-        for loss, grads in ref["alone_grads"].items():
-            largest = max(float(g.abs().max()) for g in grads.values())
-            problems = tensor_mismatches(grads, result["alone_grads"][loss], rtol=1e-5, atol=1e-7 * largest)
-            assert not problems, (f"rank {rank}: the gradient of {loss} alone differs from one process:\n  "
-                                  + "\n  ".join(problems))
+        assert_alone_grads_match(ref, result, rank)
         assert_close_values(ref["tracker"], result["tracker"], f"rank {rank} tracker")
         # Every metric, the pathway of the pair across stages included (its routing travels with R_cp's).
         assert_close_metrics(ref["metrics"], result["metrics"])

@@ -3,6 +3,7 @@
 - :func:`count_collectives`: patch torch.distributed's collectives to add each call's payload bytes to a dict.
 - :class:`SavedTensorMeter`: the bytes autograd keeps saved for backward (peak of the live total, once per storage).
 - :func:`static_training_bytes`: parameters, gradient buffers and optimizer state of a model (unique storages).
+- :func:`budgeted_spec_config`: a variant's SpecializationConfig, a token ``budget`` b as sp_max_tokens = tokens // b.
 """
 from __future__ import annotations
 
@@ -141,3 +142,15 @@ def static_training_bytes(parameters: Iterable[torch.Tensor], optimizer=None) ->
             state.extend(v for v in s.values() if isinstance(v, torch.Tensor))
     return {"params": unique_bytes(params), "grads": unique_bytes(g for g in grads if g is not None),
             "optimizer_state": unique_bytes(state)}
+
+
+def budgeted_spec_config(values: dict, tokens: int):
+    """The ``SpecializationConfig`` of a benchmark variant (``values``: its fields, plus an optional
+    ``budget`` b: R_sp / L_o on 1/b of the micro-batch's ``tokens``, i.e. sp_max_tokens = tokens // b)."""
+    from megatron_moe_spec.specialization_config import SpecializationConfig
+
+    values = dict(values)
+    budget = values.pop("budget", None)
+    if budget is not None:
+        values["sp_max_tokens"] = max(1, tokens // budget)
+    return SpecializationConfig(**values)
