@@ -50,11 +50,15 @@ def init_distributed(device: str, timeout_s: int = 600) -> LaunchEnv:
         if env.rank == 0:
             print("no CUDA: running on CPU with gloo", flush=True)
     if not torch.distributed.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(free_port())
-        torch.distributed.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                             timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" not in os.environ and env.world_size == 1:
+            # A single process started without torchrun: an in-memory store, no TCP port to race for
+            # (a port found free can be taken before the store listens on it: EADDRINUSE).
+            torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(),
+                                                 rank=0, world_size=1, timeout=timeout)
+        else:
+            torch.distributed.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                                 timeout=timeout)
     return env
 
 
