@@ -11,12 +11,20 @@ def megatron_single_process():
     from megatron_moe_spec import cpu
     from megatron_moe_spec.testing.distributed import ParallelSizes, free_port, init_megatron, teardown_megatron
 
+    saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(free_port())
     init_megatron(0, 1, ParallelSizes())
     yield
     teardown_megatron()
     cpu.disable()
+    # Later tests start subprocesses with os.environ: they must not inherit a rendezvous address (its
+    # port may still be held by this process's store).
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def load_script(name: str):

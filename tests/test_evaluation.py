@@ -52,7 +52,8 @@ def test_run_logs_per_domain_validation_and_final_test(tmp_path):
             "logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.save_final=false",
             "checkpoint.resume=none", "training.lr_warmup_iters=1", "logging.log_interval=1",
             "logging.progress_bar=false"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)  # a single process started without torchrun
     proc = subprocess.run([sys.executable, "-m", "megatron_moe_spec", "train", os.path.join(ROOT, "configs", "tiny_vanilla.yaml"),
                            *[a for s in sets for a in ("--set", s)]], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
