@@ -38,6 +38,7 @@ the coefficients on the command line.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -46,6 +47,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -202,10 +204,25 @@ def last_step(path: str) -> Optional[int]:
     return records[-1]["step"] if records else None
 
 
-def is_complete(path: str, iters: int) -> bool:
-    """The run's metrics.jsonl reaches step ``iters`` (the final record, with its validation loss)."""
+def run_ep(path: str) -> Optional[int]:
+    """The expert-parallel size the run in ``path`` trained with (its config.yaml's ``parallel.ep``), or
+    None without a readable config.yaml."""
+    try:
+        import yaml
+        with open(os.path.join(path, "config.yaml")) as f:
+            return int((yaml.safe_load(f).get("parallel") or {}).get("ep") or 1)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def is_complete(path: str, iters: int, nproc: Optional[int] = None) -> bool:
+    """The run's metrics.jsonl reaches step ``iters`` (the final record, with its validation loss) and,
+    with ``nproc``, it trained with that many processes (expert parallel ``nproc``): a run of another
+    layout has other initial expert weights, so it cannot be paired with this grid's lb run."""
     step = last_step(path)
-    return step is not None and step >= iters
+    if step is None or step < iters:
+        return False
+    return nproc is None or run_ep(path) == nproc
 
 
 def data_overrides(data_dir: str) -> List[str]:
@@ -248,11 +265,11 @@ def grid(archs: Sequence[str], variants: Sequence[str], seeds: int) -> List[Tupl
     return [(a, v, BASE_SEED + i) for i in range(seeds) for a in archs for v in variants]
 
 
-def plan(out: str, archs, variants, seeds: int, iters: int, runs=None):
+def plan(out: str, archs, variants, seeds: int, iters: int, runs=None, nproc: Optional[int] = None):
     """[(arch, variant, seed, run_dir, done)] of the grid (or of ``runs``, [(arch, variant, seed)]),
-    ``done`` = skipped (already complete)."""
+    ``done`` = skipped (already complete, with ``nproc`` processes when given)."""
     runs = grid(archs, variants, seeds) if runs is None else runs
-    return [(a, v, s, run_dir(out, a, v, s), is_complete(run_dir(out, a, v, s), iters)) for a, v, s in runs]
+    return [(a, v, s, run_dir(out, a, v, s), is_complete(run_dir(out, a, v, s), iters, nproc)) for a, v, s in runs]
 
 
 # ------------------------------------------------------------------------------------------ issue 13's grids
@@ -268,8 +285,11 @@ GRID_HELP = {
     "budget": "lb, R_sp at --coef exact and with sp_max_tokens = 1/4 and 1/16 of the micro-batch tokens "
               "(issue 12); 3 seeds",
 }
-#: One 1000-step run, 2 processes, on 2 otherwise idle cores (docs/results.md: 2.5-3 min); --run-minutes.
-RUN_MINUTES = (2.5, 3.0)
+#: Minutes of one 1000-step run on this 2-core machine, measured (--run-minutes to change): with 2 processes
+#: alone on the cores, 253 s and 286 s (docs/results/balanced_sweep, 2026-12-03); with 1 process, two runs at
+#: once (--grid's default) take 0.29-0.31 s a step each, against 0.23 s for one 2-process run.
+RUN_MINUTES = (4.2, 5.0)
+RUN_MINUTES_1PROC = (5.2, 6.0)
 #: The fallback coefficient multiple of --plan when --coef best is not known yet (the sweep unfinished).
 PLAN_COEF = 10.0
 
@@ -335,14 +355,14 @@ def best_coefficients(rows: List[dict]) -> Dict[str, Optional[float]]:
     return {a: m for a, (_, m) in best.items()}
 
 
-def resolve_coef(coef: str, out: str, archs: Sequence[str], iters: int, for_plan: bool = False
-                 ) -> Tuple[Dict[str, Optional[float]], str]:
+def resolve_coef(coef: str, out: str, archs: Sequence[str], iters: int, for_plan: bool = False,
+                 nproc: Optional[int] = None) -> Tuple[Dict[str, Optional[float]], str]:
     """(per-arch multiple, how it was chosen) from --coef: a number, or ``best`` = the sweep's best in
     ``out`` (``best_coefficients`` of its complete runs). Unknown ``best``: PLAN_COEF for --plan, else
     ValueError naming the fix."""
     if coef != "best":
         return {a: float(coef) for a in archs}, f"--coef {coef}"
-    rows = aggregate(collect(out, archs, None, 0, iters, runs=grid_runs("sweep", archs, {})))
+    rows = aggregate(collect(out, archs, None, 0, iters, runs=grid_runs("sweep", archs, {}), nproc=nproc))
     best = best_coefficients(rows)
     missing = [a for a in archs if best.get(a) is None]
     if missing and for_plan:
@@ -356,9 +376,12 @@ def resolve_coef(coef: str, out: str, archs: Sequence[str], iters: int, for_plan
     return best, "the sweep's best"
 
 
-def estimate_minutes(todo: int, iters: int, minutes: Tuple[float, float] = RUN_MINUTES) -> Tuple[float, float]:
-    """(low, high) minutes of training for ``todo`` runs of ``iters`` steps (RUN_MINUTES per 1000 steps)."""
-    return tuple(todo * m * iters / 1000.0 for m in minutes)  # type: ignore[return-value]
+def estimate_minutes(todo: int, iters: int, minutes: Tuple[float, float] = RUN_MINUTES, jobs: int = 1
+                     ) -> Tuple[float, float]:
+    """(low, high) minutes of training for ``todo`` runs of ``iters`` steps (``minutes`` per 1000-step run),
+    ``jobs`` at a time."""
+    waves = math.ceil(todo / max(1, jobs))
+    return tuple(waves * m * iters / 1000.0 for m in minutes)  # type: ignore[return-value]
 
 
 def _hm(minutes: float) -> str:
@@ -367,7 +390,7 @@ def _hm(minutes: float) -> str:
 
 
 def format_plan(sections: List[Tuple[str, list]], iters: int, nproc: int,
-                minutes: Tuple[float, float] = RUN_MINUTES) -> str:
+                minutes: Tuple[float, float] = RUN_MINUTES, jobs: int = 1) -> str:
     """The --plan text: per grid its runs (complete or to train), then the totals over the distinct runs
     and the estimated training time."""
     lines, seen = [], {}
@@ -381,10 +404,10 @@ def format_plan(sections: List[Tuple[str, list]], iters: int, nproc: int,
             state = "complete" if done else ("to train" if new else "to train (listed above)")
             lines.append(f"  {arch:<14} {variant:<20} seed {seed}  {state:<24} {_shown(rdir)}")
     todo = sum(not done for done in seen.values())
-    lo, hi = estimate_minutes(todo, iters, minutes)
+    lo, hi = estimate_minutes(todo, iters, minutes, jobs)
     lines.append(f"total: {len(seen)} distinct runs, {len(seen) - todo} complete, {todo} to train; estimated "
-                 f"training time {_hm(lo)} - {_hm(hi)} ({minutes[0]:g}-{minutes[1]:g} min per 1000-step run "
-                 "on 2 idle cores, docs/results.md; --run-minutes to change)")
+                 f"training time {_hm(lo)} - {_hm(hi)} ({minutes[0]:g}-{minutes[1]:g} min per 1000-step run, "
+                 f"{jobs} at a time, measured on 2 idle cores; --run-minutes to change)")
     return "\n".join(lines)
 
 
@@ -409,17 +432,17 @@ def prepare_corpus(data_dir: str, quick: bool, python: str = sys.executable) -> 
 
 def run_grid(out: str, archs, variants, seeds: int, iters: int, nproc: int, data_dir: str,
              keep_checkpoints: bool = False, python: str = sys.executable, log=print, runs=None,
-             on_done=None) -> List[str]:
-    """Train every unfinished run of the grid (or of ``runs``), in order; returns the run directories that
-    failed. ``on_done()`` is called after each run that completes (e.g. to rewrite the summary)."""
-    failed = []
-    todo = plan(out, archs, variants, seeds, iters, runs)
-    for n, (arch, variant, seed, rdir, done) in enumerate(todo, 1):
+             on_done=None, jobs: int = 1) -> List[str]:
+    """Train every unfinished run of the grid (or of ``runs``), in order, ``jobs`` at a time; returns the
+    run directories that failed. ``on_done()`` is called after each run that completes (e.g. to rewrite
+    the summary; never two at once)."""
+    failed: List[str] = []
+    todo = plan(out, archs, variants, seeds, iters, runs, nproc)
+    lock = threading.Lock()
+
+    def train(n, arch, variant, seed, rdir):
         tag = f"[{n}/{len(todo)}] {arch} {variant} seed {seed}"
-        if done:
-            log(f"{tag}: complete ({rdir}), skipped")
-            continue
-        if os.path.exists(rdir):  # unfinished (interrupted or failed): start over
+        if os.path.exists(rdir):  # unfinished, interrupted, failed or of another layout: start over
             shutil.rmtree(rdir)
         os.makedirs(os.path.dirname(rdir), exist_ok=True)
         cmd = train_command(arch, variant, seed, iters, nproc, data_dir, rdir, python)
@@ -430,15 +453,27 @@ def run_grid(out: str, archs, variants, seeds: int, iters: int, nproc: int, data
             logf.flush()
             rc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=logf, stderr=subprocess.STDOUT).returncode
         took = time.perf_counter() - start
-        if rc != 0 or not is_complete(rdir, iters):
-            failed.append(rdir)
-            log(f"{tag}: FAILED (exit {rc}) after {took:.0f}s; see {log_path}")
-            continue
-        if not keep_checkpoints:
-            shutil.rmtree(os.path.join(rdir, "checkpoints"), ignore_errors=True)
-        log(f"{tag}: done in {took:.0f}s")
-        if on_done is not None:
-            on_done()
+        with lock:
+            if rc != 0 or not is_complete(rdir, iters, nproc):
+                failed.append(rdir)
+                log(f"{tag}: FAILED (exit {rc}) after {took:.0f}s; see {log_path}")
+                return
+            if not keep_checkpoints:
+                shutil.rmtree(os.path.join(rdir, "checkpoints"), ignore_errors=True)
+            log(f"{tag}: done in {took:.0f}s")
+            if on_done is not None:
+                on_done()
+
+    pending = []
+    for n, (arch, variant, seed, rdir, done) in enumerate(todo, 1):
+        if done:
+            log(f"[{n}/{len(todo)}] {arch} {variant} seed {seed}: complete ({rdir}), skipped")
+        else:
+            pending.append((n, arch, variant, seed, rdir))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(train, *p) for p in pending]:  # in order: seed-major, as the plan
+            future.result()
+    failed.sort(key=lambda d: [p[4] for p in pending].index(d))
     return failed
 
 
@@ -593,11 +628,12 @@ def paired_differences(ds: List[float]) -> dict:
     return out
 
 
-def collect(out: str, archs, variants, seeds: int, iters: int, runs=None) -> Dict[Tuple[str, str], List[str]]:
-    """The complete runs of the grid (or of ``runs``), grouped by (arch, variant) (groups without one are
-    left out)."""
+def collect(out: str, archs, variants, seeds: int, iters: int, runs=None, nproc: Optional[int] = None
+            ) -> Dict[Tuple[str, str], List[str]]:
+    """The complete runs of the grid (or of ``runs``; with ``nproc``, only those of that layout), grouped by
+    (arch, variant) (groups without one are left out)."""
     groups: Dict[Tuple[str, str], List[str]] = {}
-    for arch, variant, _, rdir, done in plan(out, archs, variants, seeds, iters, runs):
+    for arch, variant, _, rdir, done in plan(out, archs, variants, seeds, iters, runs, nproc):
         if done:
             groups.setdefault((arch, variant), []).append(rdir)
     return groups
@@ -839,9 +875,10 @@ def parse_args(argv=None):
                         "or best (default): per arch the sweep's best, from the complete sweep runs in --out")
     p.add_argument("--plan", action="store_true",
                    help="list the runs (complete or to train) and the estimated training time; run nothing")
-    p.add_argument("--run-minutes", nargs=2, type=float, default=list(RUN_MINUTES), metavar=("LOW", "HIGH"),
-                   help=f"minutes of one 1000-step run for --plan's estimate (default {RUN_MINUTES[0]:g} "
-                        f"{RUN_MINUTES[1]:g}; scaled by --iters)")
+    p.add_argument("--run-minutes", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
+                   help=f"minutes of one 1000-step run for --plan's estimate (default, measured here: "
+                        f"{RUN_MINUTES[0]:g} {RUN_MINUTES[1]:g} with 2 processes, {RUN_MINUTES_1PROC[0]:g} "
+                        f"{RUN_MINUTES_1PROC[1]:g} with 1 process two at a time; scaled by --iters)")
     p.add_argument("--variants", nargs="+", default=None, type=_variant_arg, metavar="VARIANT",
                    help=f"loss variants (configs/variants/, or lb_<sp|cp|o_v>_x<k>[_sub<n>]; default: "
                         f"{' '.join(VARIANTS)}; also e.g. {' '.join(EXTRA_VARIANTS)}, lb_sp_cp_x30, lb_sp_x10_sub16)")
@@ -851,7 +888,11 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None,
                    help=f"training steps per run (default {DEFAULT_ITERS}, with --grid {GRID_ITERS})")
     p.add_argument("--nproc", type=int, default=None,
-                   help="processes per run (expert parallel = nproc; default 2)")
+                   help="processes per run (expert parallel = nproc; default 2, with --grid 1). A complete run "
+                        "of another layout does not count: its initial expert weights differ, so it is retrained")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at once (default 1; with --grid, CPU cores // nproc: on 2 cores two "
+                        "1-process runs at once train the grid about 1.5x faster than one 2-process run)")
     p.add_argument("--out", default=None, help="output root of the run dirs (default runs/bench_quality; with "
                                                "--grid runs/balanced)")
     p.add_argument("--data", default=None, help=f"corpus folder (default {DEFAULT_DATA}, with --quick OUT/data), "
@@ -875,12 +916,15 @@ def parse_args(argv=None):
     a.filter_seeds = a.seeds
     a.seeds = a.seeds if a.seeds is not None else (1 if q else 3)
     a.iters = a.iters if a.iters is not None else (QUICK_ITERS if q else GRID_ITERS if a.grid else DEFAULT_ITERS)
-    a.nproc = a.nproc if a.nproc is not None else (1 if q else 2)
+    a.nproc = a.nproc if a.nproc is not None else (1 if q or a.grid else 2)
+    a.jobs = a.jobs if a.jobs is not None else (max(1, (os.cpu_count() or 1) // a.nproc) if a.grid else 1)
+    if a.run_minutes is None:
+        a.run_minutes = list(RUN_MINUTES_1PROC if a.nproc == 1 and a.jobs > 1 else RUN_MINUTES)
     a.out = os.path.abspath(a.out or os.path.join("runs", "balanced" if a.grid else "bench_quality"))
     a.data = os.path.abspath(a.data or (os.path.join(a.out, "data") if q else os.path.join(ROOT, DEFAULT_DATA)))
     a.table = a.table or (None if a.grid else os.path.join(a.out, "table.md"))
-    if a.seeds < 1 or a.iters < 1 or a.nproc < 1:
-        p.error("--seeds, --iters and --nproc must be positive")
+    if a.seeds < 1 or a.iters < 1 or a.nproc < 1 or a.jobs < 1:
+        p.error("--seeds, --iters, --nproc and --jobs must be positive")
     if a.coef != "best":
         try:
             if float(a.coef) <= 0:
@@ -911,7 +955,7 @@ def _grid_sections(a, for_plan: bool):
     """[(grid name, runs, how the coefficient was chosen)] of --grid (resolved now: see main_grid)."""
     out = []
     for name in expand_grid(a.grid):
-        coef, how = ({}, "") if name in ("sweep", "baseline") else resolve_coef(a.coef, a.out, a.archs, a.iters, for_plan)
+        coef, how = ({}, "") if name in ("sweep", "baseline") else resolve_coef(a.coef, a.out, a.archs, a.iters, for_plan, a.nproc)
         runs = grid_runs(name, a.archs, coef, a.filter_seeds, a.filter_variants)
         out.append((name, runs, how))
     return out
@@ -919,7 +963,7 @@ def _grid_sections(a, for_plan: bool):
 
 def write_grid_summary(a, name: str, runs, how: str, plot: bool, failed=()) -> List[dict]:
     """Aggregate grid ``name``'s complete runs and write its table and JSON (and, with ``plot``, the PNG)."""
-    rows = aggregate(collect(a.out, a.archs, None, 0, a.iters, runs=runs))
+    rows = aggregate(collect(a.out, a.archs, None, 0, a.iters, runs=runs, nproc=a.nproc))
     for row in rows:  # the JSON names the runs relative to the checkout, so it can be committed
         row["runs"] = [_shown(d) for d in row["runs"]]
     complete = sum(len(r["runs"]) for r in rows)
@@ -943,12 +987,12 @@ def main_grid(a) -> int:
     rewriting each grid's summary after every finished run."""
     if a.plan or a.dry_run:
         resolved = _grid_sections(a, True)
-        sections = [(name, plan(a.out, None, None, 0, a.iters, runs)) for name, runs, _ in resolved]
+        sections = [(name, plan(a.out, None, None, 0, a.iters, runs, a.nproc)) for name, runs, _ in resolved]
         if a.plan:
             for name, _, how in resolved:
                 if how:
                     print(f"grid {name}: coefficient = {how}")
-            print(format_plan(sections, a.iters, a.nproc, tuple(a.run_minutes)))
+            print(format_plan(sections, a.iters, a.nproc, tuple(a.run_minutes), a.jobs))
         else:
             for _, entries in sections:
                 for arch, variant, seed, rdir, done in entries:
@@ -967,7 +1011,7 @@ def main_grid(a) -> int:
         print(f"[bench_quality] grid {name}: {len(runs)} runs" + (f", coefficient: {how}" if how else ""), flush=True)
         failed: List[str] = []
         if not a.aggregate_only:
-            failed = run_grid(a.out, None, None, 0, a.iters, a.nproc, a.data, a.keep_checkpoints, runs=runs,
+            failed = run_grid(a.out, None, None, 0, a.iters, a.nproc, a.data, a.keep_checkpoints, runs=runs, jobs=a.jobs,
                               on_done=lambda: write_grid_summary(a, name, runs, how, plot=False))
         rows = write_grid_summary(a, name, runs, how, plot=True, failed=failed)
         path = grid_table_path(a, name)
@@ -984,7 +1028,7 @@ def main_grid(a) -> int:
 
 def _grid_runs_now(a, name: str):
     """(runs, how the coefficient was chosen) of grid ``name``; ValueError when --coef best is unknown."""
-    coef, how = ({}, "") if name in ("sweep", "baseline") else resolve_coef(a.coef, a.out, a.archs, a.iters)
+    coef, how = ({}, "") if name in ("sweep", "baseline") else resolve_coef(a.coef, a.out, a.archs, a.iters, nproc=a.nproc)
     return grid_runs(name, a.archs, coef, a.filter_seeds, a.filter_variants), how
 
 
@@ -994,19 +1038,20 @@ def main(argv=None) -> int:
         return main_grid(a)
     failed: List[str] = []
     if a.plan:
-        print(format_plan([("custom", plan(a.out, a.archs, a.variants, a.seeds, a.iters))], a.iters, a.nproc,
-                          tuple(a.run_minutes)))
+        print(format_plan([("custom", plan(a.out, a.archs, a.variants, a.seeds, a.iters, None, a.nproc))], a.iters,
+                          a.nproc, tuple(a.run_minutes), a.jobs))
         return 0
     if a.dry_run:
-        for arch, variant, seed, rdir, done in plan(a.out, a.archs, a.variants, a.seeds, a.iters):
+        for arch, variant, seed, rdir, done in plan(a.out, a.archs, a.variants, a.seeds, a.iters, None, a.nproc):
             cmd = train_command(arch, variant, seed, a.iters, a.nproc, a.data, rdir, master_port=0)
             print(("# complete, skipped: " if done else "") + " ".join(cmd))
         return 0
     start = time.perf_counter()
     if not a.aggregate_only:
         prepare_corpus(a.data, a.quick)
-        failed = run_grid(a.out, a.archs, a.variants, a.seeds, a.iters, a.nproc, a.data, a.keep_checkpoints)
-    groups = collect(a.out, a.archs, a.variants, a.seeds, a.iters)
+        failed = run_grid(a.out, a.archs, a.variants, a.seeds, a.iters, a.nproc, a.data, a.keep_checkpoints,
+                          jobs=a.jobs)
+    groups = collect(a.out, a.archs, a.variants, a.seeds, a.iters, nproc=a.nproc)
     rows = aggregate(groups)
     for row in rows:  # the JSON names the runs relative to the checkout, so it can be committed
         row["runs"] = [_shown(d) for d in row["runs"]]

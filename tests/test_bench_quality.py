@@ -23,11 +23,14 @@ def _load_script():
 bq = _load_script()
 
 
-def _write_metrics(path, records):
+def _write_metrics(path, records, ep=1):
+    """A run directory as a run leaves it: its metrics and its config (``ep``: the processes it ran on)."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        f.write(f"parallel:\n  tp: 1\n  ep: {ep}\n")
 
 
 def _std(xs):
@@ -266,7 +269,7 @@ def test_aggregate_only_writes_the_table(tmp_path, capsys):
         write_synthetic_run(bq.run_dir(out, "tiny_vanilla", "lb", seed), seed=seed, train_steps=20, log_interval=10,
                             eval_interval=10)
     rc = bq.main(["--aggregate-only", "--out", out, "--archs", "tiny_vanilla", "--variants", "lb", "lb_sp",
-                  "--seeds", "2", "--iters", "20"])
+                  "--seeds", "2", "--iters", "20", "--nproc", "1"])
     assert rc == 1  # lb_sp has no runs: reported, and left out of the table
     text = open(os.path.join(out, "table.md")).read()
     assert "| tiny_vanilla | lb | 2 |" in text and "lb_sp" not in text
