@@ -7,6 +7,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from conftest import load_script
@@ -453,3 +455,57 @@ def test_quick_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--quick", "--out", out],
                            cwd=str(ROOT), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("skipped") == 2
+
+
+def test_a_run_of_another_layout_is_retrained(tmp_path, monkeypatch):
+    """A complete run trained with 2 processes (expert parallel 2: other initial expert weights) does not
+    count for a 1-process grid: not complete, left out of the summary, and trained again."""
+    out = str(tmp_path / "out")
+    rdir = bq.run_dir(out, "tiny_vanilla", "lb", 1234)
+    _write_metrics(rdir, [{"step": 10, "val_lm_loss": 2.0}], ep=2)
+    assert bq.is_complete(rdir, 10) and bq.is_complete(rdir, 10, nproc=2) and not bq.is_complete(rdir, 10, nproc=1)
+    assert bq.collect(out, ["tiny_vanilla"], ["lb"], 1, 10, nproc=1) == {}
+    assert bq.collect(out, ["tiny_vanilla"], ["lb"], 1, 10, nproc=2) == {("tiny_vanilla", "lb"): [rdir]}
+    calls = []
+
+    def fake_run(cmd, cwd, env, stdout, stderr):
+        calls.append(cmd)
+        assert not os.path.exists(rdir)  # the other layout's run was removed before training again
+        _write_metrics(rdir, [{"step": 10, "val_lm_loss": 2.0}], ep=1)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bq.subprocess, "run", fake_run)
+    assert bq.run_grid(out, ["tiny_vanilla"], ["lb"], 1, 10, 1, "/d", log=lambda *a: None) == []
+    assert len(calls) == 1 and "torch.distributed.run" not in calls[0]
+    assert bq.is_complete(rdir, 10, nproc=1)
+
+
+def test_jobs_train_runs_at_once_and_report_failures_in_plan_order(tmp_path, monkeypatch):
+    """--jobs 2: two runs are in flight together (each waits for the other at a barrier: with one at a
+    time the barrier times out); failures come back in the plan's order; on_done never runs twice at once."""
+    out = str(tmp_path / "out")
+    barrier = threading.Barrier(2, timeout=20)
+    in_done, seen = [0], []
+
+    def fake_run(cmd, cwd, env, stdout, stderr):
+        rdir = next(a for a in cmd if a.startswith("logging.run_dir=")).split("=", 1)[1]
+        barrier.wait()
+        _write_metrics(rdir, [{"step": 10, "val_lm_loss": 2.0}])
+        return subprocess.CompletedProcess(cmd, 1 if "lb_sp" in rdir else 0)
+
+    def on_done():
+        in_done[0] += 1
+        assert in_done[0] == 1
+        time.sleep(0.05)
+        seen.append(1)
+        in_done[0] -= 1
+
+    monkeypatch.setattr(bq.subprocess, "run", fake_run)
+    failed = bq.run_grid(out, ["tiny_vanilla"], ["lb", "lb_sp"], 2, 10, 1, "/d", log=lambda *a: None,
+                         on_done=on_done, jobs=2)
+    assert failed == [bq.run_dir(out, "tiny_vanilla", "lb_sp", s) for s in (1234, 1235)]
+    assert len(seen) == 2
+    a = bq.parse_args(["--grid", "sweep", "--plan"])
+    assert a.nproc == 1 and a.jobs == max(1, (os.cpu_count() or 1)) and a.run_minutes == list(bq.RUN_MINUTES_1PROC)
+    assert bq.parse_args(["--out", str(tmp_path)]).jobs == 1
+    assert bq.estimate_minutes(3, 1000, (5.0, 6.0), jobs=2) == (10.0, 12.0)
