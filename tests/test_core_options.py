@@ -91,8 +91,8 @@ def test_rotating_offsets_choose_every_position_exactly_once(seq_len, batch, max
 
 @pytest.mark.parametrize("step", [0, 3])
 def test_budget_in_one_process_is_rsp_of_the_global_subset(megatron_single_process, monkeypatch, step):
-    """The layer's budgeted R_sp is the pure R_sp on exactly the subset's tokens (independent z); the
-    subset rotates with the step given to begin_step."""
+    """The layer's budgeted R_sp is the pure R_sp on exactly the subset's tokens (independent z), whose
+    rows alone reach the kernel; the subset rotates with the step given to begin_step."""
     from test_core_independent import independent_layer
 
     spec = SpecializationConfig(sp_coeff=0.5, sp_max_tokens=5)
@@ -104,7 +104,7 @@ def test_budget_in_one_process_is_rsp_of_the_global_subset(megatron_single_proce
 
     def spy(z, valid=None, *args, **kwargs):
         value = real(z, valid, *args, **kwargs)
-        calls.append((value.detach(), valid.clone()))
+        calls.append((value.detach(), z.shape[0], valid))
         return value
 
     monkeypatch.setattr(losses, "specialization_loss", spy)
@@ -120,8 +120,8 @@ def test_budget_in_one_process_is_rsp_of_the_global_subset(megatron_single_proce
                                         offset=step)
     # 16 positions, stride 4: (b, s) in {(0,0),(0,4),(1,0),(1,4)} at step 0, s + 3 at step 3
     assert int(mask_T.sum()) == 4 and bool(mask_T[0]) == (step == 0)
-    for i, (value, valid) in enumerate(calls):
-        assert torch.equal(valid, mask_T)
+    for i, (value, rows, valid) in enumerate(calls):
+        assert valid is None and rows == int(mask_T.sum()), "the kernel gets the chosen tokens' rows only"
         ref = independent_layer(layers[i], inputs[i])
         expected = real(ref["z"], mask_T)
         full = real(ref["z"])
@@ -379,6 +379,44 @@ def test_bf16_rows_travel_in_bf16_and_no_fp32_copy_is_saved(megatron_single_proc
     T, k, F = settings.seq_length * settings.micro_batch_size, settings.moe_router_topk, 96
     layers = len(moe_layers(model_on))
     assert extra < layers * T * k * F / 4, f"{extra} fp32 elements saved beyond the stock model"
+
+
+def saved_storage_bytes(fn):
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs (a view saves its
+    whole storage: counted once, at full size)."""
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_a_budget_cuts_the_saved_token_rows_by_its_fraction(megatron_single_process):
+    """Beyond the stock model, exact R_sp + L_o save two copies of the routed rows: the expert-order rows
+    [R, F + H] that ungate keeps (R = T k) and the token-order [T, k, F + H] that the Gram kernels keep.
+    With sp_max_tokens = T / 4 the kernels keep the chosen tokens' rows only: the second copy shrinks to a
+    quarter (ungate's stays whole: docs/overhead.md)."""
+    settings = SMALL.replace(seq_length=32, moe_ffn_hidden_size=96)
+    T = settings.seq_length * settings.micro_batch_size
+    base = one_model(settings, SpecializationConfig(var_coeff=0.5))  # records routing, no z/y
+    extra = {}
+    for budget in (None, T // 4):
+        model = one_model(settings, SpecializationConfig(sp_coeff=0.5, ortho_coeff=0.5, sp_max_tokens=budget))
+        model.load_state_dict(base.state_dict())
+        for m in moe_layers(model):
+            m.begin_step(metrics=False, step=0)
+        extra[budget] = saved_storage_bytes(lambda: forward(model, settings)) - \
+            saved_storage_bytes(lambda: forward(base, settings))
+    k, F, H = settings.moe_router_topk, 96, settings.hidden_size
+    rows_bytes = len(moe_layers(base)) * T * k * (F + H) * 4
+    small = 0.1 * rows_bytes  # gates, masks, indices and Gram matrices: O(T k) and O(T k^2) per layer
+    assert extra[None] >= 2 * rows_bytes, (extra, rows_bytes)  # the exact losses keep both copies
+    assert extra[T // 4] <= rows_bytes + rows_bytes / 4 + small, (extra, rows_bytes)
 
 
 # ----------------------------------------------------------------------------- ungate

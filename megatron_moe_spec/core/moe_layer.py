@@ -231,6 +231,14 @@ class SpecializationMoELayer(MoELayer):
                 pair_valid_T = valid_T & self._budget_mask_T(valid_T.device)
                 pair_share = pair_valid_T.sum().float() / aux_losses.global_valid_tokens(
                     pair_valid_T, self.tp_cp_group).clamp(min=1.0)
+                # The kernels save their input for backward: give them the chosen tokens' rows only
+                # ([m, k, F], m = this rank's share of the budget), not the full [T, k, F] tensor, so the
+                # budget cuts R_sp's / L_o's activation memory as it cuts their traffic. The gather
+                # saves only its indices.
+                rows_m = pair_valid_T.nonzero().squeeze(1)
+                z_TKF = z_TKF.index_select(0, rows_m) if z_TKF is not None else None
+                y_TKH = y_TKH.index_select(0, rows_m) if y_TKH is not None else None
+                pair_valid_T = None  # every chosen row is valid
             if spec.sp_coeff > 0:
                 value = losses.specialization_loss(z_TKF, pair_valid_T, spec.sp_similarity, spec.eps)
                 attach(aux_losses.SPECIALIZATION_LOSS, spec.sp_coeff, value * pair_share)
