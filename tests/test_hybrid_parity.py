@@ -4,8 +4,9 @@ A tiny HybridModel (``*`` attention, ``-`` dense MLP and ``E`` MoE layers, megat
 through ``core.hybrid``) with R_sp, R_cp, L_o, L_v and the metrics on takes one training step through
 megatron's schedule, DDP and grad finalization. Under TP2+SP, EP2 with the alltoall and with the
 allgather dispatcher, PP2 with a ``|`` between two ``E`` layers (R_cp's pair crosses the stage
-boundary through ``core.stage_transport``) and PP2xVPP2 (four ``|`` segments, every pair across a
-model chunk), the LM loss, every gathered gradient, the per-layer value
+boundary through ``core.stage_transport``), PP2xVPP2 (four ``|`` segments, every pair across a
+model chunk), PP2xEP2 (4 ranks) and PP2 with full uniform and selective ``moe`` recomputation (the
+cross-stage values travel in the first, no-grad pass only; the reference never recomputes), the LM loss, every gathered gradient, the per-layer value
 of each loss in megatron's tracker and the routing metrics equal the one-process run's (rtol 1e-5,
 the helpers of test_core_parity). In the same spawned run each loss alone (LM weight 0, load balancing
 off) has the one-process gradient to 1e-5 of its own size.
@@ -150,9 +151,12 @@ def each_loss_alone(spec_config, pattern):
 
 
 def reference(settings, spec_config, dp):
-    """One process: the pattern without '|', the micro-batches of all ``dp`` ranks."""
+    """One process: the pattern without '|', the micro-batches of all ``dp`` ranks, and never
+    recomputation (comparing with a recomputed reference could hide a shared mistake)."""
     pattern = settings.hybrid_layer_pattern.replace("|", "")
-    single = settings.replace(num_microbatches=settings.num_microbatches * dp, hybrid_layer_pattern=pattern)
+    single = settings.replace(num_microbatches=settings.num_microbatches * dp, hybrid_layer_pattern=pattern,
+                              recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
+                              recompute_modules=None)
     key = (repr(single), repr(spec_config))
     if key not in _REFERENCES:
         _REFERENCES[key] = run_distributed(train_step_result, 1, ParallelSizes(),
@@ -174,6 +178,18 @@ LAYOUTS = [
     # (rank 0 -> rank 1 -> rank 0 -> rank 1), one of them with a dense layer between.
     ("pp2_vpp2_interleaved", TINY.replace(hybrid_layer_pattern="*E|-E|*E|E", num_microbatches=4), 2,
      ParallelSizes(pp=2, vpp=2), 1),
+    # PP2 x EP2 (4 ranks, DP2 of the dense part): the pair (2, 5) crosses the '|' while each stage's
+    # MoE layers dispatch over their own EP group; the second stage also has a pair of its own (5, 7).
+    ("pp2_ep2", TINY.replace(hybrid_layer_pattern="*E|-E*E", num_microbatches=4), 4, ParallelSizes(pp=2, ep=2), 2),
+    # PP2 with recomputation: the first (no-grad) pass sends and receives R_cp's cross-stage values,
+    # the recompute pass must not (the peers post each stream once per micro-batch). Layer 4 ends the
+    # local pair (2, 4) and starts the pair (4, 6) across the '|'.
+    ("pp2_full_recompute", TINY.replace(hybrid_layer_pattern="*E-E|*E", num_microbatches=4,
+                                        recompute_granularity="full", recompute_method="uniform",
+                                        recompute_num_layers=1), 2, ParallelSizes(pp=2), 1),
+    ("pp2_moe_recompute", TINY.replace(hybrid_layer_pattern="*E-E|*E", num_microbatches=4,
+                                       recompute_granularity="selective", recompute_modules=["moe"]), 2,
+     ParallelSizes(pp=2), 1),
 ]
 
 

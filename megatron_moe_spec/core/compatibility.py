@@ -567,11 +567,13 @@ the fix. On megatron-core 0.16 there is no HybridModel: the YAML key is refused.
 - **Pipeline parallelism.** `|` segments work under PP and PP x VPP (one segment per model chunk,
   pp x vpp segments; other layouts are refused): an R_cp pair across a segment boundary is exact through
   the side channel with `cp_pipeline: exact` (left out, with a warning, under `skip`).
-  tests/test_hybrid_parity.py: TP2+SP, EP2 (alltoall, allgather), PP2 across a `|`, PP2xVPP2 equal one
-  process, each loss alone too.
-- **Recomputation.** Full uniform and selective `moe`: exact with every loss on; full block: exact
-  without R_cp, refused with R_cp (`recompute_method` above)
-  (tests/test_hybrid.py::test_recompute_matches_no_recompute).
+  tests/test_hybrid_parity.py: TP2+SP, EP2 (alltoall, allgather), PP2 across a `|`, PP2xVPP2, PP2xEP2
+  (4 ranks), PP2 with full uniform and with selective `moe` recomputation equal one process, each loss
+  alone too.
+- **Recomputation.** Full uniform and selective `moe`: exact with every loss on, under PP too (the
+  cross-stage values travel in the first pass only); full block: exact without R_cp, refused with R_cp
+  (`recompute_method` above) (tests/test_hybrid.py::test_recompute_matches_no_recompute,
+  tests/test_hybrid_parity.py::test_hybrid_losses_match_one_process[pp2_full_recompute, pp2_moe_recompute]).
 """
 
 

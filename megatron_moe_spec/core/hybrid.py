@@ -28,7 +28,8 @@ layer's output (first element of a tuple) straight to the next layer, so nothing
 No global state: the carry belongs to one micro-batch and one pass.
 
 **Recomputation** under ``HybridStack`` (full uniform, full block, selective ``moe``) is exact: the
-same losses and gradients as without (tests/test_hybrid.py::test_recompute_matches_no_recompute);
+same losses and gradients as without (tests/test_hybrid.py::test_recompute_matches_no_recompute; under
+PP2 with an R_cp pair across the ``|``: tests/test_hybrid_parity.py);
 ``recompute_method: block`` with R_cp is refused by ``check_compatibility``, as for GPT.
 
 **On CPU** megatron's ``hybrid_stack_spec`` uses Transformer Engine modules (and ``HybridStack``
