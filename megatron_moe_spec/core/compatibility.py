@@ -311,7 +311,8 @@ OPTIONS: Dict[str, Option] = {
         "full_recompute_2_layers_dp2]; selective: see recompute_modules; R_cp's recompute queues: "
         "tests/test_core_options.py::test_under_recomputation_only_one_pass_exchanges, "
         "test_a_stray_no_grad_forward_is_refused_not_mispaired, "
-        "test_begin_step_drops_stray_entries_and_the_gradient_is_exact"),
+        "test_begin_step_drops_stray_entries_and_the_gradient_is_exact; HybridModel: "
+        "tests/test_hybrid_parity.py::test_hybrid_losses_match_one_process[pp2_full_recompute]"),
     "recompute_method": Option(
         EXACT, "uniform: tests/test_core_parity.py[full_recompute_*]; block refused for R_cp",
         "recompute_method block: R_cp with full recomputation needs every layer recomputed alike, and a "
@@ -322,7 +323,8 @@ OPTIONS: Dict[str, Option] = {
         "full_recompute_2_layers_dp2 (2)]"),
     "recompute_modules": Option(
         EXACT, "moe: tests/test_core_parity.py::test_losses_match_one_process[moe_recompute_tp2, "
-        "moe_recompute_pp2_1f1b]; core_attn, layernorm, mla_up_proj, mlp, shared_experts recompute modules "
+        "moe_recompute_pp2_1f1b], HybridModel: tests/test_hybrid_parity.py::test_hybrid_losses_match_one_process["
+        "pp2_moe_recompute]; core_attn, layernorm, mla_up_proj, mlp, shared_experts recompute modules "
         "the losses do not read; moe_act refused when R_sp, L_o or the metrics are on",
         _fix("recompute_modules moe_act", "remove moe_act from recompute_modules (moe recomputes the whole "
              "MoE layer and is exact)", "the activation checkpoint frees fc2's input before the losses "
