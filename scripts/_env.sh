@@ -13,7 +13,7 @@
 # The install order (docs/testing.md, "megatron-core versions"): torch; megatron-core alone, without
 # its dependencies and with --ignore-requires-python (0.19.x declares Python >= 3.12 but ships a cp311
 # wheel); then this package with its extras, which also brings megatron-core's own dependencies
-# (torch, numpy, packaging); then triton from 0.19 on (pipeline_parallel/schedules.py imports it);
+# (torch, numpy, packaging); then triton==3.9.0 from 0.19 on (pipeline_parallel/schedules.py imports it);
 # on Python < 3.12 a typing.override fallback (typing_extensions') for the wheel's megatron/training.
 set -euo pipefail
 MMS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,7 +48,10 @@ if [ ! -f "$stamp" ]; then
   case "$MMS_MEGATRON_CORE" in
     0.1[0-8].*|0.[0-9].*) ;;
     # Undeclared from 0.19: pipeline_parallel/schedules.py -> transformer/moe/ops/paged_stash.py imports triton.
-    *) python -m pip install -q triton ;;
+    # Pinned to the release the 0.19.2 environment was tested with; a triton already there (the one a CUDA
+    # torch requires, e.g. through scripts/gpu_check.sh's base interpreter) is kept.
+    *) python -c "import importlib.util as u, sys; sys.exit(u.find_spec('triton') is None)" \
+         || python -m pip install -q "triton==3.9.0" ;;
   esac
   # Python < 3.12 has no typing.override, which the wheel's megatron/training/models/{gpt,hybrid}.py
   # (Megatron-LM's training package, shipped in the megatron-core wheel from 0.19) import. megatron.core

@@ -41,6 +41,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_moe_spec.testing.bench import wide_shapes  # noqa: E402
+
 # "budget": sp_max_tokens = tokens of a micro-batch // budget.
 VARIANTS = {
     "off": {},
@@ -51,24 +53,10 @@ VARIANTS = {
     "off_again": {},
 }
 
-_WIDE = dict(num_layers=1, hidden_size=1024, num_attention_heads=8, ffn_hidden_size=4096, seq_length=1024,
-             micro_batch_size=2, vocab_size=1024)
-SHAPES = {
-    "mixtral": dict(_WIDE, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=3584),
-    "olmoe": dict(_WIDE, num_moe_experts=64, moe_router_topk=8, moe_ffn_hidden_size=512),
-    "deepseek": dict(_WIDE, num_moe_experts=64, moe_router_topk=8, moe_ffn_hidden_size=256,
-                     moe_shared_expert_intermediate_size=512),
-    "small": dict(num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=512, num_moe_experts=8,
-                  moe_router_topk=2, moe_ffn_hidden_size=128, seq_length=256, micro_batch_size=2, vocab_size=512),
-}
-_NARROW = dict(hidden_size=128, num_attention_heads=4, ffn_hidden_size=256, seq_length=128, vocab_size=256)
-QUICK_SHAPES = {
-    "mixtral": dict(SHAPES["mixtral"], **_NARROW, moe_ffn_hidden_size=448),
-    "olmoe": dict(SHAPES["olmoe"], **_NARROW, num_moe_experts=16, moe_ffn_hidden_size=64),
-    "deepseek": dict(SHAPES["deepseek"], **_NARROW, num_moe_experts=16, moe_ffn_hidden_size=32,
-                     moe_shared_expert_intermediate_size=64),
-    "small": dict(SHAPES["small"], seq_length=64),
-}
+SHAPES, QUICK_SHAPES = wide_shapes(num_layers=1)  # mixtral, olmoe, deepseek (megatron_moe_spec.testing.bench)
+SHAPES["small"] = dict(num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=512, num_moe_experts=8,
+                       moe_router_topk=2, moe_ffn_hidden_size=128, seq_length=256, micro_batch_size=2, vocab_size=512)
+QUICK_SHAPES["small"] = dict(SHAPES["small"], seq_length=64)
 MODES = {"ep2": 2, "single": 1}
 DTYPES = ("fp32", "bf16")
 

@@ -50,6 +50,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_moe_spec.testing.bench import wide_shapes  # noqa: E402
+
 LB = 1e-2
 VARIANTS = {
     "lb": {},
@@ -86,24 +88,13 @@ SHAPES = {
                      seq_length=256, micro_batch_size=2, vocab_size=1024),
 }
 # Realistic widths (issue 12): H=1024, two MoE layers (R_cp needs a pair), 2048 tokens per micro-batch,
-# one shape per expert family:
-# Mixtral-like F/H = 3.5 top-2 of 8, OLMoE-like F/H = 0.5 top-8 of 64, DeepSeek-like F/H = 0.25 top-8
-# of 64 + a shared expert.
-_WIDE = dict(num_layers=2, hidden_size=1024, num_attention_heads=8, ffn_hidden_size=4096, seq_length=1024,
-             micro_batch_size=2, vocab_size=1024)
-SHAPES.update({
-    "mixtral_wide": dict(_WIDE, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=3584),
-    "olmoe_wide": dict(_WIDE, num_moe_experts=64, moe_router_topk=8, moe_ffn_hidden_size=512),
-    "deepseek_wide": dict(_WIDE, num_moe_experts=64, moe_router_topk=8, moe_ffn_hidden_size=256,
-                          moe_shared_expert_intermediate_size=512),
-})
-WIDE_SHAPES = ("mixtral_wide", "olmoe_wide", "deepseek_wide")
-_NARROW = dict(hidden_size=128, num_attention_heads=4, ffn_hidden_size=256, seq_length=128, vocab_size=256)
+# one shape per expert family (megatron_moe_spec.testing.bench.wide_shapes): Mixtral-like, OLMoE-like,
+# DeepSeek-like.
+_WIDE, _QUICK_WIDE = wide_shapes(num_layers=2, suffix="_wide")
+SHAPES.update(_WIDE)
+WIDE_SHAPES = tuple(_WIDE)
 QUICK_SHAPES = {
-    "mixtral_wide": dict(SHAPES["mixtral_wide"], **_NARROW, moe_ffn_hidden_size=448),
-    "olmoe_wide": dict(SHAPES["olmoe_wide"], **_NARROW, num_moe_experts=16, moe_ffn_hidden_size=64),
-    "deepseek_wide": dict(SHAPES["deepseek_wide"], **_NARROW, num_moe_experts=16, moe_ffn_hidden_size=32,
-                          moe_shared_expert_intermediate_size=64),
+    **_QUICK_WIDE,
     "vanilla": dict(SHAPES["vanilla"], hidden_size=64, ffn_hidden_size=128, moe_ffn_hidden_size=128,
                     seq_length=32, vocab_size=128),
     "deepseek": dict(SHAPES["deepseek"], hidden_size=64, ffn_hidden_size=128, num_moe_experts=16,

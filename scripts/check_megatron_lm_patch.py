@@ -26,6 +26,7 @@ import typing
 # this check import it; it changes nothing else.
 typing.override = getattr(typing, "override", lambda f: f)
 
+import importlib  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -118,24 +119,30 @@ def tracker_view():
     return {k: (e.values, e.reduce_group) for k, e in get_moe_metrics_tracker().metrics.items()}
 
 
+def build_through_patch(family, Family):
+    """The model as the patched Megatron-LM builds it: ``{Family}ModelBuilder.build_model`` upstream
+    (megatron/training/models/{family}.py), else ``model_provider`` with ``{family}_builders.{family}_builder``.
+    Returns (model, where it was built)."""
+    if UPSTREAM:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        from megatron.training import argument_utils
+
+        builder = importlib.import_module(f"megatron.training.models.{family}")
+        config = getattr(argument_utils, f"{family}_config_from_args")(args)
+        model = getattr(builder, f"{Family}ModelBuilder")(config).build_model(
+            ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+        return model, f"patched {Family}ModelBuilder.build_model"
+    from model_provider import model_provider
+
+    builder = getattr(importlib.import_module(f"{family}_builders"), f"{family}_builder")
+    return model_provider(builder, pre_process=True, post_process=True), f"patched {family}_builder (model_provider)"
+
+
 if HYBRID:
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     try:
-        if UPSTREAM:
-            from megatron.core.process_groups_config import ProcessGroupCollection
-            from megatron.training.argument_utils import hybrid_config_from_args
-            from megatron.training.models.hybrid import HybridModelBuilder
-
-            model = HybridModelBuilder(hybrid_config_from_args(args)).build_model(
-                ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
-            where = "patched HybridModelBuilder.build_model"
-        else:
-            from hybrid_builders import hybrid_builder
-            from model_provider import model_provider
-
-            model = model_provider(hybrid_builder, pre_process=True, post_process=True)
-            where = "patched hybrid_builder (model_provider)"
+        model, where = build_through_patch("hybrid", "Hybrid")
     except RuntimeError as e:
         if package_info.__version__ < "0.19" and not os.environ.get("SPEC_OFF") and "needs megatron-core >= 0.19" in str(e):
             print(f"refused, as it must be on megatron-core {package_info.__version__}: {e}")
@@ -143,20 +150,8 @@ if HYBRID:
             sys.exit(0)
         raise
     assert isinstance(model, HybridModel), type(model)
-elif UPSTREAM:
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.training.argument_utils import gpt_config_from_args
-    from megatron.training.models.gpt import GPTModelBuilder
-
-    model = GPTModelBuilder(gpt_config_from_args(args)).build_model(
-        ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
-    where = "patched GPTModelBuilder.build_model"
 else:
-    from gpt_builders import gpt_builder
-    from model_provider import model_provider
-
-    model = model_provider(gpt_builder, pre_process=True, post_process=True)
-    where = "patched gpt_builder (model_provider)"
+    model, where = build_through_patch("gpt", "GPT")
 kinds = sorted({type(m).__name__ for m in model.modules()
                 if type(m).__name__.endswith(("MoELayer", "TransformerLayer"))})
 print(f"built through {where}: {kinds}")

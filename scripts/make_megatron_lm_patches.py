@@ -52,49 +52,53 @@ def edit_training(t, import_anchor):
     return insert_after(t, ZLOSS, HOOKS)
 
 
+def edit_model_builder(t, import_anchor, spec_anchor, spec_line, model_end, indent, returns=False):
+    """Our import after ``import_anchor``, ``spec_line`` (our spec of the layers) after ``spec_anchor``, and
+    ``moe_spec.register_model(model)`` (then ``return model`` if ``returns``) after ``model_end`` (the
+    close of the model's constructor call), at ``indent`` spaces."""
+    t = insert_after(t, import_anchor, [IMPORT])
+    t = insert_after(t, spec_anchor, [spec_line + MARK])
+    assert t.count(model_end) == 1, t.count(model_end)
+    i = t.index(model_end) + len(model_end)
+    tail = ["moe_spec.register_model(model)"] + (["return model"] if returns else [])
+    return t[:i] + "".join(" " * indent + line + MARK + "\n" for line in tail) + t[i:]
+
+
 def edit_builders(t, indent):
-    t = insert_after(t, "from megatron.training.yaml_arguments import core_transformer_config_from_yaml", [IMPORT])
     sp = " " * indent
-    t = insert_after(t, sp + "        transformer_layer_spec = _get_transformer_layer_spec(use_te, config)",
-                     [sp + "transformer_layer_spec = moe_spec.specialize_layer_spec(transformer_layer_spec, config, vp_stage)" + MARK])
-    anchor = sp + "    pg_collection=pg_collection,\n" + sp + ")\n"
-    assert t.count(anchor) == 1
-    i = t.index(anchor) + len(anchor)
-    return t[:i] + sp + "moe_spec.register_model(model)" + MARK + "\n" + t[i:]
+    return edit_model_builder(
+        t, "from megatron.training.yaml_arguments import core_transformer_config_from_yaml",
+        sp + "        transformer_layer_spec = _get_transformer_layer_spec(use_te, config)",
+        sp + "transformer_layer_spec = moe_spec.specialize_layer_spec(transformer_layer_spec, config, vp_stage)",
+        sp + "    pg_collection=pg_collection,\n" + sp + ")\n", indent)
 
 
 def edit_gpt_model_builder(t):
-    t = insert_after(t, "from megatron.training.vocab_utils import calculate_padded_vocab_size", [IMPORT])
-    t = insert_after(t, "                transformer_layer_spec = transformer_layer_spec(self._model_config)",
-                     ["        transformer_layer_spec = moe_spec.specialize_layer_spec(transformer_layer_spec, self._model_config, vp_stage)" + MARK])
-    anchor = "            pg_collection=pg_collection,\n            vp_stage=vp_stage,\n        )\n"
-    assert t.count(anchor) == 1, t.count(anchor)
-    i = t.index(anchor) + len(anchor)
-    return t[:i] + "        moe_spec.register_model(model)" + MARK + "\n" + t[i:]
+    return edit_model_builder(
+        t, "from megatron.training.vocab_utils import calculate_padded_vocab_size",
+        "                transformer_layer_spec = transformer_layer_spec(self._model_config)",
+        "        transformer_layer_spec = moe_spec.specialize_layer_spec(transformer_layer_spec, self._model_config, vp_stage)",
+        "            pg_collection=pg_collection,\n            vp_stage=vp_stage,\n        )\n", 8)
 
 
 def edit_hybrid_builders(t):
     """core_v0.18.x: hybrid_builders.hybrid_builder (pretrain_hybrid.py builds through model_provider)."""
-    t = insert_after(t, "from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_inference_stack_spec", [IMPORT])
-    t = insert_after(t, '        raise ValueError("You must provide a valid hybrid layer spec via --spec")',
-                     ["    hybrid_stack_spec = moe_spec.specialize_hybrid_stack_spec(hybrid_stack_spec, config, vp_stage)" + MARK])
-    anchor = "        vp_stage=vp_stage,\n    )\n"
-    assert t.count(anchor) == 1
-    i = t.index(anchor) + len(anchor)
-    return t[:i] + "    moe_spec.register_model(model)" + MARK + "\n" + t[i:]
+    return edit_model_builder(
+        t, "from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_inference_stack_spec",
+        '        raise ValueError("You must provide a valid hybrid layer spec via --spec")',
+        "    hybrid_stack_spec = moe_spec.specialize_hybrid_stack_spec(hybrid_stack_spec, config, vp_stage)",
+        "        vp_stage=vp_stage,\n    )\n", 4)
 
 
 def edit_hybrid_model_builder(t):
-    """core_v0.19.0 and later: megatron/training/models/hybrid.py, HybridModelBuilder.build_model."""
-    t = insert_after(t, "from megatron.training.vocab_utils import calculate_padded_vocab_size", [IMPORT])
-    t = insert_after(t, "                hybrid_stack_spec = default_hybrid_stack_spec",
-                     ["        hybrid_stack_spec = moe_spec.specialize_hybrid_stack_spec(hybrid_stack_spec, self._model_config, vp_stage)" + MARK])
+    """core_v0.19.0 and later: megatron/training/models/hybrid.py, HybridModelBuilder.build_model (which
+    returned the model it built: it keeps it, registers it, then returns it)."""
     t = replace(t, "        return HybridModel(\n", "        model = HybridModel(" + MARK + "\n")
-    anchor = "            vp_stage=vp_stage,\n        )\n"
-    assert t.count(anchor) == 1, t.count(anchor)
-    i = t.index(anchor) + len(anchor)
-    return (t[:i] + "        moe_spec.register_model(model)" + MARK + "\n" + "        return model" + MARK + "\n"
-            + t[i:])
+    return edit_model_builder(
+        t, "from megatron.training.vocab_utils import calculate_padded_vocab_size",
+        "                hybrid_stack_spec = default_hybrid_stack_spec",
+        "        hybrid_stack_spec = moe_spec.specialize_hybrid_stack_spec(hybrid_stack_spec, self._model_config, vp_stage)",
+        "            vp_stage=vp_stage,\n        )\n", 8, returns=True)
 
 
 # patch name: (base tag, {path: (edit, context lines)})

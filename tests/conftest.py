@@ -1,7 +1,21 @@
-"""Shared fixtures."""
+"""Shared fixtures, and helpers the test modules import (``from conftest import ...``)."""
+import glob
 import os
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def shipped_configs(pattern: str = "*.yaml"):
+    """The shipped run configs in configs/ and configs/paper/ whose names match ``pattern``, sorted."""
+    return sorted(glob.glob(os.path.join(CONFIGS, pattern)) + glob.glob(os.path.join(CONFIGS, "paper", pattern)))
+
+
+def rel(path: str) -> str:
+    """``path`` relative to the repository root (the test ids of the configs)."""
+    return os.path.relpath(path, ROOT)
 
 
 @pytest.fixture(scope="module")

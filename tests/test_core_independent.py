@@ -158,8 +158,8 @@ def run_model(settings, spec, params_from=None, padding_mask=None, expert_bias=F
     megatron's aux-loss autoscaler whatever that weight); returns the model, its MoE layers, the
     gradients, the captured MoE inputs, the parameters and megatron's tracker."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
+    from megatron_moe_spec.core import moe_tracker
     from megatron_moe_spec.core.layer_specs import get_moe_block_spec
 
     config = build_transformer_config(settings)
@@ -173,7 +173,7 @@ def run_model(settings, spec, params_from=None, padding_mask=None, expert_bias=F
     if params_from is not None:
         model.load_state_dict(params_from.state_dict())
     model.train()
-    clear_aux_losses_tracker()
+    moe_tracker.clear()
     inputs = {}
     moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     hooks = [m.register_forward_pre_hook(functools.partial(lambda i, mod, args, kw: inputs.__setitem__(i, args[0] if args else kw["hidden_states"]), i), with_kwargs=True)
@@ -192,7 +192,7 @@ def run_model(settings, spec, params_from=None, padding_mask=None, expert_bias=F
     grads = torch.autograd.grad(lm, params, retain_graph=True, allow_unused=True)
     for h in hooks:
         h.remove()
-    tracker = {k: v["values"].clone() for k, v in get_moe_layer_wise_logging_tracker().items()}
+    tracker = {k: moe_tracker.values(k).clone() for k in moe_tracker.recorded_names()}
     run_model.routing_maps = routing_maps
     return model, moe_layers, grads, inputs, params, tracker
 

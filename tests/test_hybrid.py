@@ -22,7 +22,8 @@ import torch
 from megatron_moe_spec.core.version import megatron_core_version
 from megatron_moe_spec.specialization_config import SpecializationConfig
 from megatron_moe_spec.testing.hybrid import (
-    NAMES, assert_grads_match, fresh_tracker, gpt_to_hybrid_key, load_mapped, reference_coupling)
+    ALL_ON, COEFF_FIELD, NAMES, QUIET, assert_grads_match, fresh_tracker, gpt_to_hybrid_key, load_mapped,
+    reference_coupling)
 from megatron_moe_spec.testing.hybrid import run_step as run
 from megatron_moe_spec.testing.tiny_gpt import TinyGPTSettings, build_transformer_config
 
@@ -36,10 +37,6 @@ requires_hybrid = pytest.mark.skipif(
 SETTINGS = TinyGPTSettings(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=32,
                            num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16,
                            micro_batch_size=2, seq_length=8, vocab_size=64)
-QUIET = dict(moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none")  # only our losses
-ALL_ON = SpecializationConfig(sp_coeff=0.3, cp_coeff=0.2, ortho_coeff=0.4, var_coeff=0.1)
-COEFF_FIELD = {"specialization_loss": "sp_coeff", "coupling_loss": "cp_coeff",
-               "orthogonality_loss": "ortho_coeff", "variance_loss": "var_coeff"}
 
 
 def test_module_imports_on_every_version():

@@ -26,19 +26,13 @@ from megatron_moe_spec.run_config import (
     validate_for_world_size,
 )
 from megatron_moe_spec.specialization_config import SpecializationConfig
+from conftest import CONFIGS, ROOT, rel, shipped_configs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
 # The *_hybrid.yaml configs build a HybridModel (megatron-core >= 0.19): on older versions they are refused
 # (tests/test_run_config_hybrid.py checks the refusal) and left out here.
-RUNNABLE = sorted(p for p in glob.glob(os.path.join(CONFIGS, "*.yaml")) + glob.glob(os.path.join(CONFIGS, "paper", "*.yaml"))
-                  if hybrid_model_available() or not p.endswith("_hybrid.yaml"))
+RUNNABLE = [p for p in shipped_configs() if hybrid_model_available() or not p.endswith("_hybrid.yaml")]
 VARIANTS = sorted(glob.glob(os.path.join(CONFIGS, "variants", "*.yaml")))
 TINY = os.path.join(CONFIGS, "tiny_vanilla.yaml")
-
-
-def rel(p):
-    return os.path.relpath(p, ROOT)
 
 
 def write(path, text):

@@ -5,7 +5,6 @@ The validation is pure Python: the cases run in every environment with the insta
 0.19.2 (``installed_megatron_core_version`` is the one place that reads it); the refusal runs both pinned
 to 0.16.1 and, on the 0.16.1 environment, as it is.
 """
-import glob
 import os
 
 import pytest
@@ -21,16 +20,10 @@ from megatron_moe_spec.run_config import (
     load_run_config,
     megatron_config_kwargs,
 )
+from conftest import CONFIGS, ROOT, rel, shipped_configs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
-HYBRID_CONFIGS = sorted(glob.glob(os.path.join(CONFIGS, "*_hybrid.yaml"))
-                        + glob.glob(os.path.join(CONFIGS, "paper", "*_hybrid.yaml")))
+HYBRID_CONFIGS = shipped_configs("*_hybrid.yaml")
 TWINS = {path: path.replace("_hybrid.yaml", ".yaml") for path in HYBRID_CONFIGS}
-
-
-def rel(p):
-    return os.path.relpath(p, ROOT)
 
 
 @pytest.fixture

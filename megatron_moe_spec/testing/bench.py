@@ -4,11 +4,12 @@
 - :class:`SavedTensorMeter`: the bytes autograd keeps saved for backward (peak of the live total, once per storage).
 - :func:`static_training_bytes`: parameters, gradient buffers and optimizer state of a model (unique storages).
 - :func:`budgeted_spec_config`: a variant's SpecializationConfig, a token ``budget`` b as sp_max_tokens = tokens // b.
+- :func:`wide_shapes`: the realistic-width model shapes, one per expert family, and their --quick sizes.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Iterable, Optional, Set
+from typing import Dict, Iterable, Optional, Set, Tuple
 
 import torch
 
@@ -154,3 +155,26 @@ def budgeted_spec_config(values: dict, tokens: int):
     if budget is not None:
         values["sp_max_tokens"] = max(1, tokens // budget)
     return SpecializationConfig(**values)
+
+
+def wide_shapes(num_layers: int, suffix: str = "") -> Tuple[Dict[str, dict], Dict[str, dict]]:
+    """The realistic widths (TinyGPTSettings fields; H = 1024, 2048 tokens per micro-batch), one shape per
+    expert family, named ``<family><suffix>``: Mixtral-like F/H = 3.5 top-2 of 8, OLMoE-like F/H = 0.5 top-8
+    of 64, DeepSeek-like F/H = 0.25 top-8 of 64 + a shared expert; ``num_layers`` layers each. Returns
+    (the shapes, their --quick sizes: H = 128, 128 tokens a sequence, 16 experts where there were 64)."""
+    wide = dict(num_layers=num_layers, hidden_size=1024, num_attention_heads=8, ffn_hidden_size=4096,
+                seq_length=1024, micro_batch_size=2, vocab_size=1024)
+    shapes = {
+        "mixtral": dict(wide, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=3584),
+        "olmoe": dict(wide, num_moe_experts=64, moe_router_topk=8, moe_ffn_hidden_size=512),
+        "deepseek": dict(wide, num_moe_experts=64, moe_router_topk=8, moe_ffn_hidden_size=256,
+                         moe_shared_expert_intermediate_size=512),
+    }
+    narrow = dict(hidden_size=128, num_attention_heads=4, ffn_hidden_size=256, seq_length=128, vocab_size=256)
+    quick = {
+        "mixtral": dict(shapes["mixtral"], **narrow, moe_ffn_hidden_size=448),
+        "olmoe": dict(shapes["olmoe"], **narrow, num_moe_experts=16, moe_ffn_hidden_size=64),
+        "deepseek": dict(shapes["deepseek"], **narrow, num_moe_experts=16, moe_ffn_hidden_size=32,
+                         moe_shared_expert_intermediate_size=64),
+    }
+    return ({name + suffix: v for name, v in shapes.items()}, {name + suffix: v for name, v in quick.items()})

@@ -13,9 +13,14 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from megatron_moe_spec.specialization_config import SpecializationConfig
 from megatron_moe_spec.testing.tiny_gpt import global_microbatches
 
 NAMES = ("specialization_loss", "coupling_loss", "orthogonality_loss", "variance_loss")
+COEFF_FIELD = {"specialization_loss": "sp_coeff", "coupling_loss": "cp_coeff",
+               "orthogonality_loss": "ortho_coeff", "variance_loss": "var_coeff"}  # loss name -> its coefficient
+QUIET = dict(moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none")  # only our losses
+ALL_ON = SpecializationConfig(sp_coeff=0.3, cp_coeff=0.2, ortho_coeff=0.4, var_coeff=0.1)
 
 
 def fresh_tracker() -> None:

@@ -136,36 +136,18 @@ def build_model(config, settings: TinyGPTSettings, layer_spec_fn: Callable = def
     for vp_stage in range(vpp):
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        common = dict(config=config, vocab_size=settings.vocab_size, max_sequence_length=settings.seq_length,
+                      pre_process=pre, post_process=post, share_embeddings_and_output_weights=False,
+                      position_embedding_type="rope", vp_stage=vp_stage if vpp > 1 else None)
         if settings.hybrid_layer_pattern is not None:
             # One stack spec for every chunk: HybridModel picks its chunk's '|' segment itself.
             from megatron.core.models.hybrid.hybrid_model import HybridModel
 
-            chunks.append(HybridModel(
-                config=config,
-                hybrid_stack_spec=layer_spec_fn(config),
-                vocab_size=settings.vocab_size,
-                max_sequence_length=settings.seq_length,
-                hybrid_layer_pattern=settings.hybrid_layer_pattern,
-                pre_process=pre,
-                post_process=post,
-                share_embeddings_and_output_weights=False,
-                position_embedding_type="rope",
-                vp_stage=vp_stage if vpp > 1 else None,
-            ))
-            continue
-        spec = layer_spec_fn(config, vp_stage=vp_stage if vpp > 1 else None)
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=settings.vocab_size,
-            max_sequence_length=settings.seq_length,
-            pre_process=pre,
-            post_process=post,
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            vp_stage=vp_stage if vpp > 1 else None,
-        )
-        chunks.append(model)
+            chunks.append(HybridModel(hybrid_stack_spec=layer_spec_fn(config),
+                                      hybrid_layer_pattern=settings.hybrid_layer_pattern, **common))
+        else:
+            spec = layer_spec_fn(config, vp_stage=vp_stage if vpp > 1 else None)
+            chunks.append(GPTModel(transformer_layer_spec=spec, **common))
     if not wrap_ddp:
         return chunks
     ddp_config = DistributedDataParallelConfig(
