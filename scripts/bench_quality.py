@@ -287,9 +287,10 @@ GRID_HELP = {
 }
 #: Minutes of one 1000-step run on this 2-core machine, measured (--run-minutes to change): with 2 processes
 #: alone on the cores, 253 s and 286 s (docs/results/balanced_sweep, 2026-12-03); with 1 process, two runs at
-#: once (--grid's default) take 0.29-0.31 s a step each, against 0.23 s for one 2-process run.
+#: once (--grid's default) take 0.29-0.31 s a step each, against 0.23 s for one 2-process run; the sweep's
+#: runs, two at a time on otherwise idle cores, took 372-433 s each (runs/grid log, 2026-12-03).
 RUN_MINUTES = (4.2, 5.0)
-RUN_MINUTES_1PROC = (5.2, 6.0)
+RUN_MINUTES_1PROC = (6.2, 7.2)
 #: The fallback coefficient multiple of --plan when --coef best is not known yet (the sweep unfinished).
 PLAN_COEF = 10.0
 
