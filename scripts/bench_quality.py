@@ -286,7 +286,8 @@ GRID_HELP = {
               "(issue 12); 3 seeds",
 }
 #: Minutes of one 1000-step run on this 2-core machine, measured (--run-minutes to change): with 2 processes
-#: alone on the cores, 253 s and 286 s (docs/results/balanced_sweep, 2026-12-03); with 1 process, two runs at
+#: alone on the cores, 253 s and 286 s (the first two sweep runs, commits 76b64af / 7a61794, since retrained
+#: with 1 process); with 1 process, two runs at
 #: once (--grid's default) take 0.29-0.31 s a step each, against 0.23 s for one 2-process run; the sweep's
 #: runs, two at a time on otherwise idle cores, took 372-433 s each (runs/grid log, 2026-12-03).
 RUN_MINUTES = (4.2, 5.0)
@@ -474,7 +475,8 @@ def run_grid(out: str, archs, variants, seeds: int, iters: int, nproc: int, data
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for future in [pool.submit(train, *p) for p in pending]:  # in order: seed-major, as the plan
             future.result()
-    failed.sort(key=lambda d: [p[4] for p in pending].index(d))
+    order = {p[4]: i for i, p in enumerate(pending)}
+    failed.sort(key=order.__getitem__)
     return failed
 
 
