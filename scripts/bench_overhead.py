@@ -37,6 +37,12 @@ allocator fragmentation/caching. Under EP the larger of the two ranks is reporte
 Budget variants (``lb_sp_b4``, ``lb_sp_cp_b16``, ...): R_sp with ``sp_max_tokens`` = 1/4 or 1/16 of a
 micro-batch's tokens (the default variants of the wide shapes, with lb, lb_sp, lb_sp_cp and lb_again).
 ``--resume`` keeps the (shape, mode) entries already in ``--json``; the file is written after each entry.
+
+``--profile``: one more step per variant under ``torch.profiler`` (rank 0's is reported). The time spent in
+megatron-moe-spec's named ranges and backward nodes (``megatron_moe_spec.core.profiling``) is taken as a
+share s of the *same* profiled step, so unlike a ratio of two steps it does not drift with the machine's
+load; 1 / (1 - s) is the step-time ratio it implies. Both are lower bounds: the backward of our plain ops
+is not attributed. On CUDA the kernels launched in a range are also summed (``ours_device_s``).
 """
 from __future__ import annotations
 
@@ -112,8 +118,11 @@ def variant_config(name: str, tokens: int):
     return budgeted_spec_config(ALL_VARIANTS[name], tokens)
 
 
-def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: list):
-    """Runs in every rank (under run_distributed): all variants side by side, interleaved."""
+def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: list, profile: bool = False):
+    """Runs in every rank (under run_distributed): all variants side by side, interleaved.
+
+    ``profile``: one more step per variant under ``torch.profiler``, attributing time to
+    megatron-moe-spec's named ranges (``megatron_moe_spec.core.profiling``)."""
     import torch
     import torch.distributed as dist
     from megatron_moe_spec.core import layer_metrics, moe_tracker
@@ -212,7 +221,31 @@ def bench_rank(shape: dict, dispatcher: str, warmup: int, steps: int, variants: 
         if cuda:
             entry["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         memory[name] = entry
-    return {"median_step_s": {n: statistics.median(t) for n, t in times.items()},
+    profiles = {}
+    if profile:
+        from megatron_moe_spec.core import profiling
+
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        for name in variants:
+            if world > 1:
+                dist.barrier()
+            with torch.profiler.profile(activities=activities) as prof:
+                start = time.perf_counter()
+                out = train_step(name)
+                if cuda:
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+            losses[name].append(lm_loss(out))
+            events = prof.key_averages()
+            entry = {"step_s": elapsed,
+                     "ours_cpu_s": profiling.attributed_seconds((e.key, e.cpu_time_total) for e in events),
+                     "top_self_cpu_s": {e.key: e.self_cpu_time_total * 1e-6
+                                        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]}}
+            if cuda:  # kernels launched inside a range count towards it
+                entry["ours_device_s"] = profiling.attributed_seconds(
+                    (e.key, getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))) for e in events)
+            profiles[name] = entry
+    return {"median_step_s": {n: statistics.median(t) for n, t in times.items()}, "profile": profiles,
             "step_times_s": times, "step_cpu_s": cpu_times, "memory": memory, "lm_losses": losses, "token_comm_bytes": comm,
             "cuda": cuda, "threads": torch.get_num_threads()}
 
@@ -255,6 +288,13 @@ def summarize(ranks: list, variants: list) -> dict:
             "token_comm_bytes": rank0["token_comm_bytes"][n],
             "lm_loss_max_abs_diff_vs_lb": loss_spread,
         }
+        prof = rank0.get("profile", {})
+        if n in prof:
+            # rank 0's profiled step: the time in our ranges and backward nodes (a lower bound of the added
+            # time, see megatron_moe_spec.core.profiling) as a share of the same step, and the step-time
+            # ratio it implies against the step without it (a lower bound; load slows both parts alike).
+            share = prof[n]["ours_cpu_s"]["total"] / prof[n]["step_s"]
+            out[n]["profile"] = {**prof[n], "ours_share_of_step": share, "implied_ratio_at_least": 1 / (1 - share)}
     return out
 
 
@@ -271,6 +311,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 2; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 21; quick 2)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here (after every shape and mode)")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more step per variant under torch.profiler: the time in megatron-moe-spec's named "
+                             "ranges and backward nodes (megatron_moe_spec.core.profiling), a lower bound of the "
+                             "added time that does not depend on the machine's load the way step-time ratios do")
     parser.add_argument("--resume", action="store_true",
                         help="keep the (shape, mode) entries already in --json and run only the missing ones")
     args = parser.parse_args(argv)
@@ -301,12 +345,13 @@ def main(argv=None) -> dict:
     for shape_name in shape_names:
         results.setdefault(shape_name, {})
         for mode in modes:
-            if mode in results[shape_name] and set(results[shape_name][mode]) >= set(variants):
+            done = results[shape_name].get(mode, {})
+            if set(done) >= set(variants) and (not args.profile or all("profile" in done[n] for n in variants)):
                 summary = results[shape_name][mode]  # --resume: measured by an earlier run
             else:
                 world, dispatcher = MODES[mode]
                 ranks = run_distributed(bench_rank, world, ParallelSizes(ep=world),
-                                        args=(shapes[shape_name], dispatcher, warmup, steps, variants),
+                                        args=(shapes[shape_name], dispatcher, warmup, steps, variants, args.profile),
                                         timeout=3600)
                 summary = summarize(ranks, variants)
                 results[shape_name][mode] = summary
@@ -319,6 +364,14 @@ def main(argv=None) -> dict:
                 print(f"{shape_name:<9} {mode:<13} {n:<11} {1e3 * s['median_step_s']:8.1f} "
                       f"{s['step_time_ratio']:7.3f} {q[0]:6.3f}-{q[2]:<6.3f} {s['cpu_time_ratio']:6.3f} {s['peak_mem_ratio']:10.4f} {s['saved_bytes'] / 1e6:9.2f} "
                       f"{s['saved_bytes_ratio']:8.3f} {s['token_comm_bytes'] / 1e6:13.2f}", flush=True)
+            for n in variants:
+                p = summary[n].get("profile")
+                if p is not None:
+                    parts = ", ".join(f"{k.replace('moe_spec/', '')} {1e3 * v:.1f}" for k, v in p["ours_cpu_s"].items()
+                                      if k != "total")
+                    print(f"    profile {n:<11} step {1e3 * p['step_s']:8.1f} ms, ours {1e3 * p['ours_cpu_s']['total']:7.1f} ms "
+                          f"= {100 * p['ours_share_of_step']:5.2f}% of it, time x >= {p['implied_ratio_at_least']:.3f} "
+                          f"({parts or 'none'})", flush=True)
             spread = summary["lb"]["lm_loss_max_abs_diff_vs_lb"]
             if not spread <= 1e-5 or not math.isfinite(spread):
                 raise AssertionError(f"{shape_name}/{mode}: the variants' LM losses differ by {spread}: "

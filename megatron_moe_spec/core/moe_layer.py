@@ -28,7 +28,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_moe_spec import losses
-from megatron_moe_spec.core import aux_losses, layer_metrics, stage_transport
+from megatron_moe_spec.core import aux_losses, layer_metrics, profiling, stage_transport
 from megatron_moe_spec.core.expert_capture import capture_expert_rows, ungate
 from megatron_moe_spec.core.router import SpecializationRouter
 from megatron_moe_spec.core.routing_record import RoutingRecord
@@ -157,19 +157,20 @@ class SpecializationMoELayer(MoELayer):
 
         # The rows travel in the experts' own dtype (bf16 in bf16 training): ungate divides in fp32
         # and returns that dtype; the losses upcast inside their Gram kernels.
-        pieces = []
-        if want_z:
-            z_rows = ungate(captured.gated_z(), captured.permuted_probs)  # [R, F / etp]
-            etp_rank = self.expert_tp_group.rank() if self.expert_tp_group is not None else 0
-            pieces.append(place_shard(z_rows, etp_rank * z_rows.shape[-1], self.ffn_size))
-        if want_y:
-            y_rows = ungate(captured.expert_output, captured.permuted_probs)  # [R, H], partial over ETP
-            pieces.append(y_rows.to(pieces[0].dtype) if pieces else y_rows)
-        rows = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        tokens_TKW = rows_to_tokens(dispatcher, rows, self._record, gathered_map, self._exchange_selection())
-        width_z = self.ffn_size if want_z else 0
-        self._z_TKF = tokens_TKW[..., :width_z] if want_z else None
-        self._y_TKH = tokens_TKW[..., width_z:] if want_y else None
+        with profiling.span(profiling.UNGATE_EXCHANGE):
+            pieces = []
+            if want_z:
+                z_rows = ungate(captured.gated_z(), captured.permuted_probs)  # [R, F / etp]
+                etp_rank = self.expert_tp_group.rank() if self.expert_tp_group is not None else 0
+                pieces.append(place_shard(z_rows, etp_rank * z_rows.shape[-1], self.ffn_size))
+            if want_y:
+                y_rows = ungate(captured.expert_output, captured.permuted_probs)  # [R, H], partial over ETP
+                pieces.append(y_rows.to(pieces[0].dtype) if pieces else y_rows)
+            rows = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+            tokens_TKW = rows_to_tokens(dispatcher, rows, self._record, gathered_map, self._exchange_selection())
+            width_z = self.ffn_size if want_z else 0
+            self._z_TKF = tokens_TKW[..., :width_z] if want_z else None
+            self._y_TKH = tokens_TKW[..., width_z:] if want_y else None
         return output, mlp_bias
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
@@ -181,7 +182,8 @@ class SpecializationMoELayer(MoELayer):
         if record is None:
             self.outgoing = None
             return output
-        return self._apply_specialization(output, record, z_TKF, y_TKH, incoming)
+        with profiling.span(profiling.LOSSES):
+            return self._apply_specialization(output, record, z_TKF, y_TKH, incoming)
 
     # ------------------------------------------------------------------ the losses
     def _apply_specialization(self, output, record: RoutingRecord, z_TKF, y_TKH,

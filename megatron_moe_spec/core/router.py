@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_moe_spec.core import profiling
 from megatron_moe_spec.core.routing_record import (
     RoutingRecord,
     pre_topk_distribution,
@@ -32,20 +33,21 @@ class SpecializationRouter(TopKRouter):
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.record_routing:
-            logits_TE = logits.reshape(-1, self.config.num_moe_experts)
-            gates_TE = probs.reshape(-1, self.config.num_moe_experts)
-            padding_T = padding_mask.reshape(-1) if padding_mask is not None else None
-            masked_gates = torch.where(routing_map, gates_TE.detach(), torch.full_like(gates_TE, -1.0))
-            self._record = RoutingRecord(
-                probs_TE=pre_topk_distribution(logits_TE, self.score_function),
-                gates_TE=gates_TE,
-                routing_map_TE=routing_map,
-                valid_T=valid_tokens(routing_map, self.topk, padding_T),
-                topk_idx_TK=topk_indices_from_map(routing_map, self.topk),
-                top1_T=masked_gates.argmax(dim=1),
-                not_padding_T=(~padding_T.bool() if padding_T is not None
-                               else torch.ones_like(routing_map[:, 0], dtype=torch.bool)),
-            )
+            with profiling.span(profiling.ROUTING_RECORD):
+                logits_TE = logits.reshape(-1, self.config.num_moe_experts)
+                gates_TE = probs.reshape(-1, self.config.num_moe_experts)
+                padding_T = padding_mask.reshape(-1) if padding_mask is not None else None
+                masked_gates = torch.where(routing_map, gates_TE.detach(), torch.full_like(gates_TE, -1.0))
+                self._record = RoutingRecord(
+                    probs_TE=pre_topk_distribution(logits_TE, self.score_function),
+                    gates_TE=gates_TE,
+                    routing_map_TE=routing_map,
+                    valid_T=valid_tokens(routing_map, self.topk, padding_T),
+                    topk_idx_TK=topk_indices_from_map(routing_map, self.topk),
+                    top1_T=masked_gates.argmax(dim=1),
+                    not_padding_T=(~padding_T.bool() if padding_T is not None
+                                   else torch.ones_like(routing_map[:, 0], dtype=torch.bool)),
+                )
         return probs, routing_map
 
     def pop_record(self) -> Optional[RoutingRecord]:
