@@ -173,7 +173,8 @@ def test_quick_run_profile_names_the_time_of_each_loss(quick_results):
             assert seen[n] == set() and table[n]["profile"]["ours_share_of_step"] == 0.0, (shape, n)
         record, exchange, loss = profiling.FORWARD_RANGES
         # R_sp: z is ungated and exchanged, its Gram kernel and ungate run backward
-        assert seen["lb_sp"] == {record, exchange, loss, "_TokenGramBackward", "_UngateBackward"}, shape
+        assert seen["lb_sp"] == {record, exchange, loss, "_TokenGramBackward", "_UngateBackward",
+                                 "_RowsToSlotsBackward"}, shape
         # R_cp and L_v need only the router's record: no rows are captured or exchanged
         assert seen["lb_cp"] == {record, loss} and seen["lb_v"] == {record, loss}, shape
         assert seen["lb_o"] == seen["lb_sp"], shape  # L_o: y through the same exchange and kernels

@@ -29,9 +29,9 @@ ROUTING_RECORD = PREFIX + "routing_record"
 UNGATE_EXCHANGE = PREFIX + "ungate_exchange"
 LOSSES = PREFIX + "losses"
 FORWARD_RANGES = (ROUTING_RECORD, UNGATE_EXCHANGE, LOSSES)
-# Backward nodes of this package's autograd functions (expert_capture._Ungate, losses._TokenGram,
-# stage_transport.InjectGradient), as the autograd engine names them in a profile.
-BACKWARD_NODES = ("_UngateBackward", "_TokenGramBackward", "InjectGradientBackward")
+# Backward nodes of this package's autograd functions (expert_capture._Ungate, token_exchange._RowsToSlots,
+# losses._TokenGram, stage_transport.InjectGradient), as the autograd engine names them in a profile.
+BACKWARD_NODES = ("_UngateBackward", "_RowsToSlotsBackward", "_TokenGramBackward", "InjectGradientBackward")
 
 
 def span(name: str):

@@ -8,7 +8,7 @@ return rows to their tokens, but stop it before the sum over a token's k rows:
 - **alltoall** dispatcher: ``combine_preprocess`` (un-sort by local expert, reduce-scatter over expert
   TP) and ``token_combine`` (the all-to-all back). The result is in the source rank's *permuted* order
   (expert-major, ascending token index, megatron's ``permute``), whose (token, expert) of every row the
-  source rank knows from its routing map; we scatter it into [T, k, W].
+  source rank knows from its routing map; we place it into [T, k, W] (``rows_to_slots``).
 - **allgather** dispatcher: its combine sums a token's rows locally *before* communicating, so each
   row is first placed in its own slot block of a [R, k*W] buffer; the sum then concatenates the k
   blocks, and the reduce-scatter returns [T, k*W] to the owner.
@@ -52,6 +52,41 @@ def place_shard(rows_RW: torch.Tensor, offset: int, full_width: int) -> torch.Te
     if width == full_width:
         return rows_RW
     return torch.nn.functional.pad(rows_RW, (offset, full_width - offset - width))
+
+
+class _RowsToSlots(torch.autograd.Function):
+    """out[dest[n]] = rows[n] in a zero [D, W] buffer (``dest`` unique): a gather both ways.
+
+    Forward gathers each slot's source row (``index_select``; the empty slots are zeroed, one more pass,
+    only when there are fewer rows than slots); backward gathers each row's slot gradient. Neither
+    direction scatters, so both are deterministic on every device, and only ``dest`` ([N] indices) is
+    saved. (``index_put`` of whole rows with 2-D indices, the straightforward way, writes element by
+    element and costs several times more on CPU; see docs/overhead.md.)
+    """
+
+    @staticmethod
+    def forward(ctx, rows_NW: torch.Tensor, dest_N: torch.Tensor, num_slots: int):
+        n = rows_NW.shape[0]
+        ctx.save_for_backward(dest_N)
+        if n == 0:  # e.g. an EP rank none of whose tokens' rows were selected
+            return rows_NW.new_zeros((num_slots,) + tuple(rows_NW.shape[1:]))
+        src_D = torch.full((num_slots,), -1, dtype=torch.long, device=rows_NW.device)
+        src_D[dest_N] = torch.arange(n, device=rows_NW.device)
+        out_DW = rows_NW.index_select(0, src_D.clamp(min=0))
+        if n < num_slots:  # some slots have no row (n == num_slots with unique dest: every slot has one)
+            out_DW.masked_fill_((src_D < 0).unsqueeze(-1), 0)
+        return out_DW
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_DW):
+        (dest_N,) = ctx.saved_tensors
+        return grad_DW.index_select(0, dest_N), None, None
+
+
+def rows_to_slots(rows_NW: torch.Tensor, dest_N: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """[N, W] rows -> [num_slots, W]: row n at ``dest_N[n]`` (unique, < num_slots), zeros elsewhere."""
+    return _RowsToSlots.apply(rows_NW, dest_N, num_slots)
 
 
 def slot_of_selected(routing_map_TE: torch.Tensor) -> torch.Tensor:
@@ -139,8 +174,7 @@ def _alltoall_rows_to_tokens(dispatcher, rows_RW, record: RoutingRecord,
     else:
         rows = dispatcher.combine_preprocess(rows_RW)
         rows = dispatcher.token_combine(rows)  # [N_permuted, W] in this rank's permuted order
-    out = rows.new_zeros(num_tokens, k, width)
-    return out.index_put((token_idx, slot), rows)
+    return rows_to_slots(rows, token_idx * k + slot, num_tokens * k).view(num_tokens, k, width)
 
 
 def _allgather_rows_to_tokens(dispatcher, rows_RW, record: RoutingRecord,
@@ -152,9 +186,9 @@ def _allgather_rows_to_tokens(dispatcher, rows_RW, record: RoutingRecord,
     local_expert, token_idx = local_map.T.nonzero(as_tuple=True)
     slot = slot_of_selected(global_routing_map_TE)[token_idx, local_expert + first]
     # Each row into its own slot block: [R, k, W] -> [R, k*W].
-    blocks = rows_RW.new_zeros(rows_RW.shape[0], k, width)
-    blocks = blocks.index_put((torch.arange(rows_RW.shape[0], device=rows_RW.device), slot), rows_RW)
-    blocks = blocks.view(rows_RW.shape[0], k * width)
+    num_rows = rows_RW.shape[0]
+    dest = torch.arange(num_rows, device=rows_RW.device) * k + slot
+    blocks = rows_to_slots(rows_RW, dest, num_rows * k).view(num_rows, k * width)
     saved_shape = dispatcher.hidden_shape_before_permute
     dispatcher.hidden_shape_before_permute = torch.Size((saved_shape[0], k * width))
     try:
