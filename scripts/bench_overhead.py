@@ -40,8 +40,9 @@ micro-batch's tokens (the default variants of the wide shapes, with lb, lb_sp, l
 
 ``--profile``: one more step per variant under ``torch.profiler`` (rank 0's is reported). The time spent in
 megatron-moe-spec's named ranges and backward nodes (``megatron_moe_spec.core.profiling``) is taken as a
-share s of the *same* profiled step, so unlike a ratio of two steps it does not drift with the machine's
-load; 1 / (1 - s) is the step-time ratio it implies. Both are lower bounds: the backward of our plain ops
+share s of the *same* profiled step, so it drifts less with the machine's load than a ratio of two steps
+(not immune: memory-bound copies suffer more from a neighbour's load than matmuls); 1 / (1 - s) is the
+step-time ratio it implies. Both are lower bounds: the backward of our plain ops
 is not attributed. On CUDA the kernels launched in a range are also summed (``ours_device_s``).
 """
 from __future__ import annotations
@@ -292,7 +293,7 @@ def summarize(ranks: list, variants: list) -> dict:
         if n in prof:
             # rank 0's profiled step: the time in our ranges and backward nodes (a lower bound of the added
             # time, see megatron_moe_spec.core.profiling) as a share of the same step, and the step-time
-            # ratio it implies against the step without it (a lower bound; load slows both parts alike).
+            # ratio it implies against the step without it (a lower bound).
             share = prof[n]["ours_cpu_s"]["total"] / prof[n]["step_s"]
             out[n]["profile"] = {**prof[n], "ours_share_of_step": share, "implied_ratio_at_least": 1 / (1 - share)}
     return out
@@ -314,7 +315,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", action="store_true",
                         help="one more step per variant under torch.profiler: the time in megatron-moe-spec's named "
                              "ranges and backward nodes (megatron_moe_spec.core.profiling), a lower bound of the "
-                             "added time that does not depend on the machine's load the way step-time ratios do")
+                             "added time, less sensitive to the machine's load than step-time ratios")
     parser.add_argument("--resume", action="store_true",
                         help="keep the (shape, mode) entries already in --json and run only the missing ones")
     args = parser.parse_args(argv)

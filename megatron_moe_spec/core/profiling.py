@@ -51,10 +51,10 @@ def attributed_seconds(events: Iterable[Tuple[str, float]]) -> Dict[str, float]:
     engine: Dict[str, float] = {}  # "evaluate_function: <node>": the node and its children
     bare: Dict[str, float] = {}  # "<node>" alone (nested in the former when both are recorded)
     for key, us in events:
+        node = key.rsplit(": ", 1)[-1]
         if key in FORWARD_RANGES:
             ranges[key] = ranges.get(key, 0.0) + us * 1e-6
-        elif key.startswith("autograd::engine::evaluate_function") and key.rsplit(": ", 1)[-1] in BACKWARD_NODES:
-            node = key.rsplit(": ", 1)[-1]
+        elif key.startswith("autograd::engine::evaluate_function") and node in BACKWARD_NODES:
             engine[node] = engine.get(node, 0.0) + us * 1e-6
         elif key in BACKWARD_NODES:
             bare[key] = bare.get(key, 0.0) + us * 1e-6
